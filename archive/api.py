@@ -1,0 +1,830 @@
+"""The library front: `Archive`, the object every caller (CLI, watcher, git import) uses.
+
+    from archive import Archive
+    with Archive("archive.db") as arc:
+        arc.record("news/a.txt", b"first version")
+        arc.show("news/a.txt", at="2020-01-03T08:00Z").data
+
+Times may be given as stored microseconds (int), `datetime`, or text in any form
+`archive.timeparse` accepts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, func, select, text
+
+from . import content, delta, timeparse
+from .errors import BadInput, NotFound
+from .events import (
+    CREATED,
+    DELETED,
+    GENESIS,
+    MODIFIED,
+    RENAMED,
+    TYPE_CODES,
+    TYPES,
+    Event,
+    hash_event,
+)
+from .replay import ContentCache, Rebuilt, load
+from .store import Store, contents, doc_names, documents, events
+
+TimeLike = int | str | datetime
+
+DEFAULT_KEYFRAME_INTERVAL = 50  # at most this many deltas per replay (git's default pack depth)
+
+
+def to_us(value: TimeLike | None) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, datetime):
+        return timeparse.to_us(value)
+    return timeparse.parse(value)
+
+
+def check_key(key: str) -> str:
+    """A document key: a relative POSIX path that cannot escape an export folder."""
+    if not isinstance(key, str) or not key or "\x00" in key or "\\" in key:
+        raise BadInput(f"invalid document key {key!r}")
+    parts = key.split("/")
+    if key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise BadInput(f"invalid document key {key!r}: keys are relative paths without '..'")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(f"document key {key!r} is not valid UTF-8") from None
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One observation to record: new bytes for a key, or its deletion (`data=None`)."""
+
+    key: str
+    data: bytes | None
+    at: TimeLike | None = None
+    meta: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What recording one observation did: created, modified, deleted, renamed, unchanged."""
+
+    key: str
+    status: str
+    event: Event | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A version as read back: the event that made it and its exact bytes."""
+
+    event: Event
+    data: bytes
+
+
+@dataclass(slots=True)
+class _DocState:
+    """A document as the current write transaction sees it (row plus pending changes)."""
+
+    id: int
+    key: str | None
+    seq: int
+    head_hash: bytes
+    eff_at: int
+    content_id: int | None
+    is_new: bool = False
+    dirty: bool = False
+    names: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _ContentState:
+    id: int
+    sha256: bytes
+    size: int
+    depth: int
+
+
+_EVENT_COLUMNS = """
+    e.position, e.doc_id, e.seq, e.type, e.key, e.content_id, e.size, e.recorded_at,
+    e.effective_at, e.meta, e.event_hash, c.sha256
+"""
+
+
+def _event(row: Any) -> Event:
+    return Event(
+        position=row.position,
+        doc_id=row.doc_id,
+        seq=row.seq,
+        type=TYPES[row.type],
+        key=row.key,
+        sha256=bytes(row.sha256) if row.sha256 is not None else None,
+        size=row.size,
+        recorded_at=row.recorded_at,
+        effective_at=row.effective_at,
+        event_hash=bytes(row.event_hash),
+        meta=json.loads(row.meta) if row.meta else None,
+        content_id=row.content_id,
+    )
+
+
+class Archive:
+    """An archive opened on a SQLAlchemy URL or a SQLite file path (default `archive.db`,
+    or `ARCHIVE_DB`). Creates or upgrades the schema on first use."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
+        cache_bytes: int = 64 << 20,
+    ):
+        if keyframe_interval < 1:
+            raise BadInput("keyframe interval must be at least 1")
+        self.store = Store(url)
+        self.keyframe_interval = keyframe_interval
+        self.cache = ContentCache(cache_bytes)
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    def close(self) -> None:
+        self.store.dispose()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def init(self) -> str:
+        """Create or upgrade the schema; returns the schema revision."""
+        self.store.ensure_schema()
+        return self.store.revision() or ""
+
+    def database_files(self) -> list[Path]:
+        from .store import sqlite_files
+
+        return sqlite_files(self.url)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def record(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        at: TimeLike | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> Recorded:
+        """Record `data` as the content of `key` effective at `at` (default: now)."""
+        return self.record_many([Version(key, data, at, meta)])[0]
+
+    def delete(self, key: str, *, at: TimeLike | None = None) -> Recorded:
+        """Record that `key` stopped existing at `at` (default: now)."""
+        return self.record_many([Version(key, None, at)])[0]
+
+    def record_many(self, versions: Iterable[Version]) -> list[Recorded]:
+        """Record many observations in one transaction, in order; one event per change."""
+        batch = [
+            Version(check_key(v.key), v.data, to_us(v.at), v.meta) for v in versions
+        ]
+        if not batch:
+            return []
+        for v in batch:
+            if v.data is not None and not isinstance(v.data, bytes | bytearray | memoryview):
+                raise BadInput(f"{v.key}: content must be bytes")
+        writer = _BatchWriter(self, batch)
+        results = self.store.run_write(writer.run)
+        writer.publish()
+        return results
+
+    def rename(self, old: str, new: str, *, at: TimeLike | None = None) -> Recorded:
+        """Record that the document at `old` is now at `new` (same content, same history)."""
+        old, new = check_key(old), check_key(new)
+        effective = to_us(at)
+
+        def unit(conn: Connection) -> Recorded:
+            return _rename(self, conn, old, new, effective)
+
+        return self.store.run_write(unit)
+
+    def ingest(
+        self,
+        paths: Iterable[str | Path],
+        *,
+        root: str | Path | None = None,
+        at: TimeLike | None = None,
+        deletions: bool = False,
+    ) -> list[Recorded]:
+        """Record files (folders recursively) under keys relative to `root`."""
+        from .files import ingest
+
+        return ingest(self, paths, root=root, at=at, deletions=deletions)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def live_keys(self, prefix: str = "") -> list[str]:
+        """Current keys of documents that exist now, optionally under a key prefix."""
+        with self.store.read() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT key FROM documents WHERE content_id IS NOT NULL AND key IS NOT NULL"
+                    " AND substr(key, 1, :n) = :prefix ORDER BY key"
+                ),
+                {"n": len(prefix), "prefix": prefix},
+            )
+            return [r.key for r in rows]
+
+    def _resolve(self, conn: Connection, key: str) -> int:
+        doc_id = conn.execute(select(documents.c.id).where(documents.c.key == key)).scalar()
+        if doc_id is None:
+            doc_id = conn.execute(
+                select(func.max(doc_names.c.doc_id)).where(doc_names.c.key == key)
+            ).scalar()
+        if doc_id is None:
+            raise NotFound(f"no document {key!r} in the archive")
+        return doc_id
+
+    def _events(self, conn: Connection, where: str, params: dict, tail: str = "") -> list[Event]:
+        sql = (
+            f"SELECT {_EVENT_COLUMNS} FROM events e LEFT JOIN contents c ON c.id = e.content_id "
+            f"WHERE {where} {tail}"
+        )
+        return [_event(row) for row in conn.execute(text(sql), params)]
+
+    def history(self, key: str, *, known_at: TimeLike | None = None) -> list[Event]:
+        """Every event of the document (followed across renames), oldest first."""
+        with self.store.read() as conn:
+            doc_id = self._resolve(conn, key)
+            where, params = "e.doc_id = :doc", {"doc": doc_id}
+            known = to_us(known_at)
+            if known is not None:
+                where += " AND e.recorded_at <= :known"
+                params["known"] = known
+            return self._events(conn, where, params, "ORDER BY e.seq")
+
+    def event_at(
+        self,
+        conn: Connection,
+        doc_id: int,
+        *,
+        at: int | None = None,
+        version: int | None = None,
+        known_at: int | None = None,
+    ) -> Event | None:
+        """The event in effect: by number, or the greatest effective_at ≤ at (ties: seq)."""
+        where, params = "e.doc_id = :doc", {"doc": doc_id}
+        if known_at is not None:
+            where += " AND e.recorded_at <= :known"
+            params["known"] = known_at
+        if version is not None:
+            where += " AND e.seq = :seq"
+            params["seq"] = version
+            tail = ""
+        else:
+            if at is not None:
+                where += " AND e.effective_at <= :at"
+                params["at"] = at
+            tail = "ORDER BY e.effective_at DESC, e.seq DESC LIMIT 1"
+        found = self._events(conn, where, params, tail)
+        return found[0] if found else None
+
+    def show(
+        self,
+        key: str,
+        *,
+        at: TimeLike | None = None,
+        version: int | None = None,
+        known_at: TimeLike | None = None,
+    ) -> Snapshot:
+        """The exact bytes of a document at a time, or of version N; NotFound if absent."""
+        if at is not None and version is not None:
+            raise BadInput("give either a time or a version number, not both")
+        at_us, known = to_us(at), to_us(known_at)
+        with self.store.read() as conn:
+            doc_id = self._resolve(conn, key)
+            found = self.event_at(conn, doc_id, at=at_us, version=version, known_at=known)
+            if found is None:
+                if version is not None:
+                    raise NotFound(f"{key!r} has no version {version}")
+                when = f" at {timeparse.show(at_us)}" if at_us is not None else ""
+                raise NotFound(f"{key!r} did not exist{when}")
+            if found.type == DELETED:
+                if version is not None:
+                    raise NotFound(f"version {version} of {key!r} is its deletion")
+                raise NotFound(
+                    f"{key!r} was deleted at {timeparse.show(found.effective_at)}"
+                )
+            return Snapshot(found, self._content(conn, [found])[found.position].data)
+
+    def _content(self, conn: Connection, found: Sequence[Event]) -> dict[int, Rebuilt]:
+        """Rebuilt content per event position, for events that carry content."""
+        ids = {ev.position: ev.content_id for ev in found if ev.content_id is not None}
+        rebuilt = load(conn, ids.values(), self.cache)
+        return {pos: rebuilt[cid] for pos, cid in ids.items()}
+
+    def versions(self, key: str, *, known_at: TimeLike | None = None) -> list[Snapshot]:
+        """Every version of a document with its bytes (deletions carry b"")."""
+        with self.store.read() as conn:
+            doc_id = self._resolve(conn, key)
+            where, params = "e.doc_id = :doc", {"doc": doc_id}
+            known = to_us(known_at)
+            if known is not None:
+                where += " AND e.recorded_at <= :known"
+                params["known"] = known
+            found = self._events(conn, where, params, "ORDER BY e.seq")
+            rebuilt = self._content(conn, found)
+            return [
+                Snapshot(ev, rebuilt[ev.position].data if ev.position in rebuilt else b"")
+                for ev in found
+            ]
+
+    def changes(self, key: str, *, known_at: TimeLike | None = None) -> list[dict[str, Any]]:
+        """History with, per event, what changed (characters added and removed, appended or
+        edited in place) and the version it reverts to, if any."""
+        from .changes import describe
+
+        return describe(self.versions(key, known_at=known_at))
+
+    def diff(
+        self,
+        key: str,
+        old: str | int | None = None,
+        new: str | int | None = None,
+        *,
+        fmt: str = "words",
+    ) -> dict[str, Any]:
+        """The change between two versions (numbers or times; default: the last two)."""
+        from . import changes
+
+        first = self.resolve_version(key, old, default=-2)
+        second = self.resolve_version(key, new, default=-1)
+        a = self.show(key, version=first) if first else None
+        b = self.show(key, version=second)
+        text_a = content.as_text(a.data) if a else ""
+        text_b = content.as_text(b.data)
+        if text_a is None or text_b is None:
+            raise BadInput(f"{key!r} is binary at one of these versions; use show")
+        result: dict[str, Any] = {"key": key, "from": a.event, "to": b.event}
+        if fmt == "unified":
+            result["text"] = changes.render_unified(
+                text_a, text_b, f"{key}@v{first}", f"{key}@v{second}"
+            )
+        elif fmt == "json":
+            result["diffs"] = [
+                {"op": {0: "=", -1: "-", 1: "+"}[op], "text": t}
+                for op, t in changes.word_diff(text_a, text_b)
+            ]
+            result["summary"] = changes.summarize(a.data, b.data)
+        else:
+            result["diffs"] = changes.word_diff(text_a, text_b)
+        return result
+
+    def corpus(
+        self, *, at: TimeLike | None = None, known_at: TimeLike | None = None
+    ) -> tuple[int, list[Event]]:
+        """The high-water position and, per document that existed at `at`, the event in
+        effect (its `content_id` names the bytes), ordered by key."""
+        at_us, known = to_us(at), to_us(known_at)
+        with self.store.read() as conn:
+            return self._corpus(conn, at_us, known)
+
+    def _corpus(
+        self, conn: Connection, at_us: int | None, known: int | None
+    ) -> tuple[int, list[Event]]:
+        conds, params = ["1=1"], {}
+        if at_us is not None:
+            conds.append("effective_at <= :at")
+            params["at"] = at_us
+        if known is not None:
+            conds.append("recorded_at <= :known")
+            params["known"] = known
+        where = " AND ".join(conds)
+        sql = f"""
+            SELECT {_EVENT_COLUMNS} FROM (
+                SELECT *, ROW_NUMBER() OVER (
+                    PARTITION BY doc_id ORDER BY effective_at DESC, seq DESC) AS rn
+                FROM events WHERE {where}
+            ) e LEFT JOIN contents c ON c.id = e.content_id
+            WHERE e.rn = 1 AND e.type != :deleted ORDER BY e.key
+        """
+        params["deleted"] = TYPE_CODES[DELETED]
+        rows = [_event(r) for r in conn.execute(text(sql), params)]
+        high = "SELECT max(position) FROM events"
+        if known is not None:
+            high += " WHERE recorded_at <= :known"
+        position = conn.execute(text(high), {"known": known}).scalar() or 0
+        return position, rows
+
+    def read_contents(self, content_ids: Sequence[int]) -> dict[int, bytes]:
+        """Verified bytes for content ids (as returned by `corpus`)."""
+        with self.store.read() as conn:
+            return {cid: r.data for cid, r in load(conn, content_ids, self.cache).items()}
+
+    def log(
+        self,
+        *,
+        since: TimeLike | None = None,
+        until: TimeLike | None = None,
+        known_at: TimeLike | None = None,
+        by: str = "effective",
+    ) -> list[Event]:
+        """The global event stream in position order, filtered by effective (or recorded)
+        time: `since` ≤ t ≤ `until`."""
+        column = {"effective": "e.effective_at", "recorded": "e.recorded_at"}[by]
+        conds, params = ["1=1"], {}
+        for name, value, op in (("since", since, ">="), ("until", until, "<=")):
+            if value is not None:
+                conds.append(f"{column} {op} :{name}")
+                params[name] = to_us(value)
+        if known_at is not None:
+            conds.append("e.recorded_at <= :known")
+            params["known"] = to_us(known_at)
+        with self.store.read() as conn:
+            return self._events(conn, " AND ".join(conds), params, "ORDER BY e.position")
+
+    def resolve_version(self, key: str, ref: str | int | None, *, default: int) -> int:
+        """A diff endpoint as a version number: a number, a time, or `default` (negative
+        counts from the end)."""
+        with self.store.read() as conn:
+            doc_id = self._resolve(conn, key)
+            last = conn.execute(select(documents.c.seq).where(documents.c.id == doc_id)).scalar()
+            if ref is None:
+                number = last + 1 + default if default < 0 else default
+                if number < 1:
+                    raise NotFound(f"{key!r} has only {last} version(s)")
+                return number
+            if isinstance(ref, str) and ref.lower().startswith("v") and ref[1:].isdigit():
+                ref = ref[1:]
+            if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+                number = int(ref)
+                if not 1 <= number <= last:
+                    raise NotFound(f"{key!r} has no version {number} (it has {last})")
+                return number
+            found = self.event_at(conn, doc_id, at=to_us(ref))
+            if found is None:
+                raise NotFound(f"{key!r} did not exist at {ref}")
+            return found.seq
+
+    # -- reports --------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and sizes: raw bytes of all versions against what is stored."""
+        with self.store.read() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM documents) AS documents,"
+                    " (SELECT count(*) FROM events) AS events,"
+                    " (SELECT count(*) FROM contents) AS contents,"
+                    " (SELECT count(*) FROM contents WHERE base_id IS NULL) AS keyframes,"
+                    " (SELECT coalesce(sum(size), 0) FROM events WHERE type != :deleted)"
+                    "   AS raw_bytes,"
+                    " (SELECT coalesce(sum(size), 0) FROM contents) AS distinct_bytes,"
+                    " (SELECT coalesce(sum(length(data)), 0) FROM contents) AS stored_bytes"
+                ),
+                {"deleted": TYPE_CODES[DELETED]},
+            ).one()
+            result = dict(row._mapping)
+            result["database_bytes"] = self.store.database_size(conn)
+        raw = result["raw_bytes"] or 0
+        result["ratio"] = round(result["stored_bytes"] / raw, 4) if raw else None
+        result["database_ratio"] = round(result["database_bytes"] / raw, 4) if raw else None
+        result["keyframe_interval"] = self.keyframe_interval
+        return result
+
+    def verify(self) -> list[dict[str, Any]]:
+        """Replay every content, recompute every hash and chain; the list of problems."""
+        from .verify import verify
+
+        return verify(self)
+
+    def export(self, **options: Any) -> dict[str, Any]:
+        """Write the corpus as of a time to a folder or tar; see `archive.export.export`."""
+        from .export import export
+
+        return export(self, **options)
+
+
+def _rename(arc: Archive, conn: Connection, old: str, new: str, at: int | None) -> Recorded:
+    """One `renamed` event: same content, new key; the old name stays findable."""
+    now, recorded_at, position = _clock(conn)
+    effective = at if at is not None else now
+    row = conn.execute(select(documents).where(documents.c.key == old)).first()
+    if row is None or row.content_id is None:
+        raise NotFound(f"no live document {old!r} to rename")
+    if old == new:
+        return Recorded(new, "unchanged")
+    taken = conn.execute(select(documents).where(documents.c.key == new)).first()
+    if taken is not None and taken.content_id is not None:
+        raise BadInput(f"cannot rename {old!r} to {new!r}: a live document has that name")
+    if taken is not None:  # a deleted document releases its name to the renamed one
+        conn.execute(documents.update().where(documents.c.id == taken.id).values(key=None))
+    size, sha = conn.execute(
+        select(contents.c.size, contents.c.sha256).where(contents.c.id == row.content_id)
+    ).one()
+    fields = dict(
+        position=position,
+        doc_id=row.id,
+        seq=row.seq + 1,
+        type=RENAMED,
+        key=new,
+        sha256=bytes(sha),
+        size=size,
+        recorded_at=recorded_at,
+        effective_at=max(effective, row.eff_at),
+        meta={"from": old},
+    )
+    event_hash = hash_event(bytes(row.head_hash), **fields)
+    conn.execute(
+        events.insert(),
+        _event_row(fields, row.content_id, event_hash),
+    )
+    conn.execute(
+        documents.update()
+        .where(documents.c.id == row.id)
+        .values(key=new, seq=row.seq + 1, head_hash=event_hash, eff_at=fields["effective_at"])
+    )
+    exists = conn.execute(
+        select(doc_names.c.key).where(doc_names.c.key == new, doc_names.c.doc_id == row.id)
+    ).first()
+    if exists is None:
+        conn.execute(doc_names.insert(), {"key": new, "doc_id": row.id})
+    return Recorded(new, RENAMED, Event(event_hash=event_hash, content_id=row.content_id, **fields))
+
+
+def _clock(conn: Connection) -> tuple[int, int, int]:
+    """(now, recorded_at, next position) under the writers' lock. recorded_at never goes
+    backwards along positions, so "known at T" is a prefix of the global stream."""
+    now = timeparse.now_us()
+    last = conn.execute(
+        text("SELECT position, recorded_at FROM events ORDER BY position DESC LIMIT 1")
+    ).first()
+    if last is None:
+        return now, now, 1
+    return now, max(now, last.recorded_at), last.position + 1
+
+
+def _event_row(fields: dict[str, Any], content_id: int | None, event_hash: bytes) -> dict:
+    return {
+        "position": fields["position"],
+        "doc_id": fields["doc_id"],
+        "seq": fields["seq"],
+        "type": TYPE_CODES[fields["type"]],
+        "key": fields["key"],
+        "content_id": content_id,
+        "size": fields["size"],
+        "recorded_at": fields["recorded_at"],
+        "effective_at": fields["effective_at"],
+        "meta": json.dumps(fields["meta"], sort_keys=True) if fields["meta"] else None,
+        "event_hash": event_hash,
+    }
+
+
+_DOCS_BY_KEY = text(
+    "SELECT d.id, d.key, d.seq, d.head_hash, d.eff_at, d.content_id FROM documents d "
+    "WHERE d.key IN :keys"
+).bindparams(bindparam("keys", expanding=True))
+_CONTENTS_BY_HASH = text(
+    "SELECT id, sha256, size, depth FROM contents WHERE sha256 IN :hashes"
+).bindparams(bindparam("hashes", expanding=True))
+_CONTENTS_BY_ID = text(
+    "SELECT id, sha256, size, depth FROM contents WHERE id IN :ids"
+).bindparams(bindparam("ids", expanding=True))
+_IN_EFFECT = text(
+    "SELECT seq, effective_at, type, content_id FROM events "
+    "WHERE doc_id = :doc AND effective_at <= :at ORDER BY effective_at DESC, seq DESC LIMIT 1"
+)
+
+
+class _BatchWriter:
+    """One write transaction recording a batch: decisions in memory, inserts in bulk.
+
+    `run` may be retried after a lost race, so it keeps nothing between attempts; contents it
+    rebuilt or created reach the shared cache only in `publish`, after the commit.
+    """
+
+    def __init__(self, arc: Archive, batch: list[Version]):
+        self.arc = arc
+        self.batch = batch
+        self.hashes = [content.sha256(bytes(v.data)) if v.data is not None else None for v in batch]
+
+    def run(self, conn: Connection) -> list[Recorded]:
+        self.conn = conn
+        self.now, self.recorded_at, self.position = _clock(conn)
+        self.next_doc = (conn.execute(select(func.max(documents.c.id))).scalar() or 0) + 1
+        self.next_content = (conn.execute(select(func.max(contents.c.id))).scalar() or 0) + 1
+        self.docs: dict[str, _DocState] = {}
+        self.contents: dict[bytes, _ContentState] = {}
+        self.contents_by_id: dict[int, _ContentState] = {}
+        self.new_contents: list[dict] = []
+        self.new_events: list[dict] = []
+        self.pending: dict[int, list[tuple[int, int, int, int | None]]] = {}
+        self.fresh: dict[int, Rebuilt] = {}
+        self._prefetch()
+        results = [self._one(v, h) for v, h in zip(self.batch, self.hashes, strict=True)]
+        self._flush()
+        return results
+
+    def publish(self) -> None:
+        for content_id, item in self.fresh.items():
+            self.arc.cache.put(content_id, item)
+
+    # -- reading what the batch needs, in a few queries --------------------------------------
+
+    def _prefetch(self) -> None:
+        keys = list({v.key for v in self.batch})
+        for start in range(0, len(keys), 500):
+            for r in self.conn.execute(_DOCS_BY_KEY, {"keys": keys[start : start + 500]}):
+                self.docs[r.key] = _DocState(
+                    r.id, r.key, r.seq, bytes(r.head_hash), r.eff_at, r.content_id
+                )
+        hashes = list({h for h in self.hashes if h is not None})
+        for start in range(0, len(hashes), 500):
+            chunk = hashes[start : start + 500]
+            for r in self.conn.execute(_CONTENTS_BY_HASH, {"hashes": chunk}):
+                self._known_content(r)
+        heads = [d.content_id for d in self.docs.values() if d.content_id is not None]
+        for start in range(0, len(heads), 500):
+            for r in self.conn.execute(_CONTENTS_BY_ID, {"ids": heads[start : start + 500]}):
+                self._known_content(r)
+
+    def _known_content(self, r: Any) -> None:
+        state = _ContentState(r.id, bytes(r.sha256), r.size, r.depth)
+        self.contents[state.sha256] = state
+        self.contents_by_id[state.id] = state
+
+    def _content_by_id(self, content_id: int) -> _ContentState:
+        state = self.contents_by_id.get(content_id)
+        if state is None:
+            self._known_content(self.conn.execute(_CONTENTS_BY_ID, {"ids": [content_id]}).one())
+            state = self.contents_by_id[content_id]
+        return state
+
+    def _in_effect(self, doc: _DocState, at: int) -> int | None:
+        """Content id in effect at `at` (None: absent or deleted), this batch included."""
+        if at >= doc.eff_at:
+            return doc.content_id
+        best: tuple[int, int, int | None] | None = None  # (effective_at, seq, content id)
+        if not doc.is_new:
+            r = self.conn.execute(_IN_EFFECT, {"doc": doc.id, "at": at}).first()
+            if r is not None:
+                deleted = r.type == TYPE_CODES[DELETED]
+                best = (r.effective_at, r.seq, None if deleted else r.content_id)
+        for seq, eff, _type, cid in self.pending.get(doc.id, []):
+            if eff <= at and (best is None or (eff, seq) > best[:2]):
+                best = (eff, seq, cid)
+        return best[2] if best is not None else None
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    def _one(self, v: Version, sha: bytes | None) -> Recorded:
+        at = v.at if v.at is not None else self.now
+        doc = self.docs.get(v.key)
+        current = self._in_effect(doc, at) if doc is not None else None
+        if v.data is None:
+            if current is None:
+                return Recorded(v.key, "absent")
+            return Recorded(v.key, DELETED, self._append(doc, DELETED, at, None, v.meta))
+        assert sha is not None
+        known = self.contents.get(sha)
+        if current is not None and known is not None and known.id == current:
+            return Recorded(v.key, "unchanged")
+        if doc is None:
+            doc = self._new_doc(v.key)
+        if known is None:
+            base = current if current is not None else doc.content_id
+            known = self._new_content(bytes(v.data), sha, base)
+        kind = MODIFIED if current is not None else CREATED
+        return Recorded(v.key, kind, self._append(doc, kind, at, known, v.meta))
+
+    def _new_doc(self, key: str) -> _DocState:
+        doc = _DocState(self.next_doc, key, 0, GENESIS, -(2**62), None, is_new=True, dirty=True)
+        doc.names.add(key)
+        self.next_doc += 1
+        self.docs[key] = doc
+        return doc
+
+    def _new_content(self, data: bytes, sha: bytes, base_id: int | None) -> _ContentState:
+        as_text = content.as_text(data)
+        row: dict[str, Any] | None = None
+        if as_text is not None and base_id is not None:
+            row = self._delta_row(as_text, data, base_id)
+        if row is None:
+            codec, blob = content.pack(data)
+            row = {"base_id": None, "depth": 0, "codec": codec, "data": blob}
+        state = _ContentState(self.next_content, sha, len(data), row["depth"])
+        self.next_content += 1
+        row.update(id=state.id, sha256=sha, size=len(data))
+        self.new_contents.append(row)
+        self.contents[sha] = state
+        self.contents_by_id[state.id] = state
+        self.fresh[state.id] = Rebuilt(data, as_text)
+        return state
+
+    def _delta_row(self, new_text: str, data: bytes, base_id: int) -> dict[str, Any] | None:
+        """A delta against the base if the chain has room and the delta is smaller."""
+        base_state = self._content_by_id(base_id)
+        if base_state.depth + 1 > self.arc.keyframe_interval:
+            return None
+        base = self.fresh.get(base_id) or load(self.conn, [base_id], self.arc.cache)[base_id]
+        if base.text is None:
+            return None
+        payload = delta.make(base.text, new_text).encode("utf-8")
+        codec, blob = content.pack(payload)
+        # Cheap test first: compress the full copy only when the delta might not be smaller.
+        if len(blob) * 16 >= len(data) and len(blob) >= len(content.pack(data)[1]):
+            return None
+        return {"base_id": base_id, "depth": base_state.depth + 1, "codec": codec, "data": blob}
+
+    def _append(
+        self,
+        doc: _DocState,
+        kind: str,
+        at: int,
+        state: _ContentState | None,
+        meta: dict[str, Any] | None,
+    ) -> Event:
+        fields = dict(
+            position=self.position,
+            doc_id=doc.id,
+            seq=doc.seq + 1,
+            type=kind,
+            key=doc.key,
+            sha256=state.sha256 if state else None,
+            size=state.size if state else 0,
+            recorded_at=self.recorded_at,
+            effective_at=at,
+            meta=meta,
+        )
+        event_hash = hash_event(doc.head_hash, **fields)
+        content_id = state.id if state else None
+        self.new_events.append(_event_row(fields, content_id, event_hash))
+        self.pending.setdefault(doc.id, []).append((doc.seq + 1, at, 0, content_id))
+        self.position += 1
+        doc.seq += 1
+        doc.head_hash = event_hash
+        doc.dirty = True
+        if at >= doc.eff_at:
+            doc.eff_at = at
+            doc.content_id = content_id
+        return Event(event_hash=event_hash, content_id=content_id, **fields)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        conn = self.conn
+        if self.new_contents:
+            conn.execute(contents.insert(), self.new_contents)
+        new_docs = [d for d in self.docs.values() if d.is_new]
+        if new_docs:
+            conn.execute(
+                documents.insert(),
+                [
+                    {
+                        "id": d.id,
+                        "key": d.key,
+                        "seq": d.seq,
+                        "head_hash": d.head_hash,
+                        "eff_at": d.eff_at,
+                        "content_id": d.content_id,
+                    }
+                    for d in new_docs
+                ],
+            )
+            conn.execute(
+                doc_names.insert(), [{"key": d.key, "doc_id": d.id} for d in new_docs]
+            )
+        changed = [d for d in self.docs.values() if d.dirty and not d.is_new]
+        if changed:
+            conn.execute(
+                documents.update()
+                .where(documents.c.id == bindparam("doc_id"))
+                .values(
+                    seq=bindparam("seq"),
+                    head_hash=bindparam("head_hash"),
+                    eff_at=bindparam("eff_at"),
+                    content_id=bindparam("cid"),
+                ),
+                [
+                    {
+                        "doc_id": d.id,
+                        "seq": d.seq,
+                        "head_hash": d.head_hash,
+                        "eff_at": d.eff_at,
+                        "cid": d.content_id,
+                    }
+                    for d in changed
+                ],
+            )
+        if self.new_events:
+            conn.execute(events.insert(), self.new_events)

@@ -1,0 +1,155 @@
+"""What changed between two versions, for people: summaries for `history`, and the word,
+unified and JSON renderings of `diff`. All diffs come from diff-match-patch (archive.delta)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from . import content, delta
+
+_TOKEN = re.compile(r"\s+|\w+|[^\w\s]")
+
+
+def _as_chars(a: list[str], b: list[str]) -> tuple[str, str, dict[str, str]]:
+    """Map each distinct token to one character (as diff-match-patch's line mode does)."""
+    table: dict[str, str] = {}
+    back: dict[str, str] = {}
+
+    def encode(parts: list[str]) -> str:
+        out = []
+        for part in parts:
+            char = table.get(part)
+            if char is None:
+                n = len(table) + 1
+                # Skip the surrogate range: those code points cannot stand alone in a str.
+                char = chr(n if n < 0xD800 else n + 0x800)
+                table[part] = char
+                back[char] = part
+            out.append(char)
+        return "".join(out)
+
+    return encode(a), encode(b), back
+
+
+def _token_diff(a: list[str], b: list[str]) -> list[tuple[int, list[str]]]:
+    chars_a, chars_b, back = _as_chars(a, b)
+    return [(op, [back[c] for c in text]) for op, text in delta.diff(chars_a, chars_b)]
+
+
+def word_diff(old: str, new: str) -> list[tuple[int, str]]:
+    """A word-level diff: whole words, runs of white space and punctuation as units."""
+    diffs = _token_diff(_TOKEN.findall(old), _TOKEN.findall(new))
+    return _merge([(op, "".join(parts)) for op, parts in diffs])
+
+
+def line_diff(old: str, new: str) -> list[tuple[int, list[str]]]:
+    """A line-level diff, each entry the lines of one operation."""
+    return _token_diff(old.splitlines(keepends=True), new.splitlines(keepends=True))
+
+
+def _merge(diffs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    merged: list[tuple[int, str]] = []
+    for op, text in diffs:
+        if not text:
+            continue
+        if merged and merged[-1][0] == op:
+            merged[-1] = (op, merged[-1][1] + text)
+        else:
+            merged.append((op, text))
+    return merged
+
+
+def summarize(old: bytes | None, new: bytes | None) -> dict[str, Any]:
+    """Characters added and removed, and whether the change only appended at the end."""
+    if new is None:
+        return {"kind": "deleted", "added": 0, "removed": 0}
+    new_text = content.as_text(new)
+    old_text = content.as_text(old) if old is not None else ""
+    if new_text is None or old_text is None:
+        return {"kind": "binary", "added": len(new), "removed": len(old or b"")}
+    if old is None:
+        return {"kind": "initial", "added": len(new_text), "removed": 0}
+    diffs = delta.diff(old_text, new_text)
+    added = sum(len(t) for op, t in diffs if op == 1)
+    removed = sum(len(t) for op, t in diffs if op == -1)
+    ops = [op for op, t in diffs if t]
+    if ops in ([0, 1], [1]) and removed == 0:
+        kind = "appended"
+    elif not ops or ops == [0]:
+        kind = "same"
+    else:
+        kind = "edited"
+    return {"kind": kind, "added": added, "removed": removed}
+
+
+GREEN, RED, RESET = "\x1b[32m", "\x1b[31;9m", "\x1b[0m"
+
+
+def render_words(diffs: list[tuple[int, str]], *, color: bool) -> str:
+    out = []
+    for op, text in diffs:
+        if op == 0:
+            out.append(text)
+        elif color:
+            out.append((GREEN if op == 1 else RED) + text + RESET)
+        else:
+            out.append(("{+" + text + "+}") if op == 1 else ("[-" + text + "-]"))
+    return "".join(out)
+
+
+def render_unified(old: str, new: str, label_a: str, label_b: str, context: int = 3) -> str:
+    """A unified diff (as `diff -u` prints) built from a diff-match-patch line diff."""
+    lines: list[tuple[str, str]] = []  # (' ', '-', '+'), line
+    for op, chunk in line_diff(old, new):
+        mark = {0: " ", -1: "-", 1: "+"}[op]
+        lines += [(mark, line) for line in chunk]
+    changed = [i for i, (mark, _) in enumerate(lines) if mark != " "]
+    if not changed:
+        return ""
+    hunks: list[tuple[int, int]] = []
+    for i in changed:
+        lo, hi = max(0, i - context), min(len(lines), i + context + 1)
+        if hunks and lo <= hunks[-1][1]:
+            hunks[-1] = (hunks[-1][0], max(hi, hunks[-1][1]))
+        else:
+            hunks.append((lo, hi))
+    out = [f"--- {label_a}\n", f"+++ {label_b}\n"]
+    for lo, hi in hunks:
+        a_start = sum(1 for m, _ in lines[:lo] if m != "+")
+        b_start = sum(1 for m, _ in lines[:lo] if m != "-")
+        a_len = sum(1 for m, _ in lines[lo:hi] if m != "+")
+        b_len = sum(1 for m, _ in lines[lo:hi] if m != "-")
+        out.append(
+            f"@@ -{a_start + (1 if a_len else 0)},{a_len} +{b_start + (1 if b_len else 0)},"
+            f"{b_len} @@\n"
+        )
+        for mark, line in lines[lo:hi]:
+            tail = "" if line.endswith("\n") else "\n\\ No newline at end of file\n"
+            out.append(mark + line + tail)
+    return "".join(out)
+
+
+def describe(versions: list[Any]) -> list[dict[str, Any]]:
+    """History rows: each event with what changed against the version before it (by
+    sequence), and the earlier version it reverts to when its content comes back."""
+    rows = []
+    seen: dict[bytes, int] = {}  # content hash -> last version number that had it
+    previous: bytes | None = None
+    previous_sha: bytes | None = None
+    for snap in versions:
+        ev = snap.event
+        data = snap.data if ev.sha256 is not None else None
+        change = summarize(previous, data)
+        if ev.type == "renamed":
+            origin = (ev.meta or {}).get("from")
+            change = {"kind": "renamed", "added": 0, "removed": 0, "from": origin}
+        reverts_to = None
+        if ev.sha256 is not None and ev.sha256 != previous_sha and ev.sha256 in seen:
+            reverts_to = seen[ev.sha256]
+        rows.append({"event": ev, "change": change, "reverts_to": reverts_to})
+        if ev.sha256 is not None:
+            seen[ev.sha256] = ev.seq
+            previous = data
+        previous_sha = ev.sha256
+    return rows

@@ -1,0 +1,42 @@
+"""The delta codec: diff-match-patch deltas between two texts, exact in both directions.
+
+Diffs are computed by the C++ fast-diff-match-patch (code points on Linux, no time limit, so
+the result is deterministic) and serialised with the reference implementation's
+`diff_toDelta`; replay uses `diff_fromDelta`, never the fuzzy `patch_apply`. Both ends work on
+the same Python `str`, so the delta's UTF-16 lengths are computed and read by one library.
+"""
+
+from __future__ import annotations
+
+import fast_diff_match_patch
+from diff_match_patch import diff_match_patch
+
+_dmp = diff_match_patch()
+_dmp.Diff_Timeout = 0  # a time limit makes diffs depend on CPU load
+
+_OPS = {"=": 0, "-": -1, "+": 1}
+
+# Above this many code points on both sides, diff line by line first: bounded cost on big
+# files, decided by size alone so that the same inputs always give the same delta.
+LINE_MODE_ABOVE = 200_000
+
+
+def diff(old: str, new: str) -> list[tuple[int, str]]:
+    """diff-match-patch diff tuples (-1, 0, 1) from `old` to `new`."""
+    checklines = len(old) > LINE_MODE_ABOVE and len(new) > LINE_MODE_ABOVE
+    raw = fast_diff_match_patch.diff(
+        old, new, timelimit=0, checklines=checklines, cleanup="No", counts_only=False
+    )
+    return [(_OPS[op], text) for op, text in raw]
+
+
+def make(old: str, new: str) -> str:
+    """The delta that turns `old` into `new`."""
+    return _dmp.diff_toDelta(diff(old, new))
+
+
+def apply(old: str, delta: str) -> str:
+    """Rebuild the new text from `old` and a delta made by `make`; raises ValueError if the
+    delta does not fit `old` (the caller still checks the hash: a wrong base of the same
+    length passes here)."""
+    return "".join(text for op, text in _dmp.diff_fromDelta(old, delta) if op != -1)

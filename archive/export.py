@@ -1,0 +1,160 @@
+"""Point-in-time export: the whole corpus as it stood at a moment, as a folder or a tar.
+
+The export is built in a temporary place beside the target and moved into position only when
+complete, so a reader never sees half an export and a failure leaves no partial target.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import timeparse
+from .errors import BadInput
+
+if TYPE_CHECKING:
+    from .api import Archive, TimeLike
+    from .events import Event
+
+MANIFEST = "MANIFEST.json"
+PAGE = 200  # documents rebuilt per read: bounded memory for big corpora
+
+
+def default_target(at_us: int, fmt: str) -> Path:
+    stamp = timeparse.show(at_us).replace(":", "-")
+    return Path("snapshots") / (stamp + (".tar" if fmt == "tar" else ""))
+
+
+def export(
+    arc: Archive,
+    *,
+    at: TimeLike,
+    known_at: TimeLike | None = None,
+    out: str | os.PathLike | None = None,
+    format: str = "dir",
+    force: bool = False,
+) -> dict[str, Any]:
+    """Write every document that existed at `at` at its key path, plus MANIFEST.json."""
+    from .api import check_key, to_us
+
+    if format not in ("dir", "tar"):
+        raise BadInput(f"unknown export format {format!r}: use dir or tar")
+    at_us, known_us = to_us(at), to_us(known_at)
+    target = Path(out) if out is not None else default_target(at_us, format)
+    _check_target(target, format, force)
+    position, found = arc.corpus(at=at_us, known_at=known_us)
+    _check_keys([ev.key for ev in found], check_key)
+    manifest = {
+        "at": timeparse.show(at_us),
+        "known_at": timeparse.show(known_us) if known_us is not None else None,
+        "position": position,
+        "documents": [
+            {
+                "key": ev.key,
+                "sha256": ev.sha256.hex() if ev.sha256 else None,
+                "size": ev.size,
+                "seq": ev.seq,
+                "effective_at": timeparse.show(ev.effective_at),
+            }
+            for ev in found
+        ],
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if format == "dir":
+        _write_dir(arc, found, manifest, target)
+    else:
+        _write_tar(arc, found, manifest, target)
+    return {**manifest, "out": str(target)}
+
+
+def _check_target(target: Path, fmt: str, force: bool) -> None:
+    if fmt == "dir":
+        if target.exists() and not target.is_dir():
+            raise BadInput(f"export target {target} exists and is not a folder")
+        if target.is_dir() and any(target.iterdir()) and not force:
+            raise BadInput(f"export target {target} is not empty (use --force to replace it)")
+    elif target.exists():
+        if target.is_dir():
+            raise BadInput(f"export target {target} is a folder; a tar export needs a file")
+        if not force:
+            raise BadInput(f"export target {target} exists (use --force to replace it)")
+
+
+def _check_keys(keys: list[str], check_key) -> None:
+    seen = set(keys)
+    if len(seen) != len(keys):
+        raise BadInput("two documents share a key at that time; cannot export")
+    for key in keys:
+        check_key(key)
+        if key == MANIFEST:
+            raise BadInput(f"a document is named {MANIFEST}, which the export reserves")
+        parts = key.split("/")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in seen:
+                raise BadInput(f"{key!r} needs a folder where a document stands")
+
+
+def _pages(arc: Archive, found: list[Event]):
+    for start in range(0, len(found), PAGE):
+        page = found[start : start + PAGE]
+        data = arc.read_contents([ev.content_id for ev in page])
+        for ev in page:
+            yield ev, data[ev.content_id]
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _write_dir(arc: Archive, found: list[Event], manifest: dict, target: Path) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for ev, data in _pages(arc, found):
+            path = staging.joinpath(*ev.key.split("/"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            seconds = ev.effective_at / 1e6
+            os.utime(path, (seconds, seconds))
+        (staging / MANIFEST).write_bytes(_manifest_bytes(manifest))
+        staging.chmod(0o755)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.rename(target, old / "x")
+            os.rename(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_tar(arc: Archive, found: list[Event], manifest: dict, target: Path) -> None:
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for ev, data in _pages(arc, found):
+                    _add(tar, ev.key, data, ev.effective_at // 1_000_000)
+                _add(tar, MANIFEST, _manifest_bytes(manifest), None)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(name, 0o644)
+        os.replace(name, target)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: int | None) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = mtime if mtime is not None else int(timeparse.now_us() // 1_000_000)
+    tar.addfile(info, io.BytesIO(data))

@@ -1,0 +1,100 @@
+"""From the file system to versions: which files, under which keys, with which bytes.
+
+A key is the path relative to the root with `/` separators. File names that are not valid
+UTF-8 are refused rather than mangled, and the archive's own database files are never read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import BadInput
+
+if TYPE_CHECKING:
+    from .api import Archive, Recorded, TimeLike
+
+BATCH_FILES = 1000
+BATCH_BYTES = 64 << 20
+
+
+def key_for(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """The document key of `path` under `root`; BadInput if it lies outside or is not UTF-8."""
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    if relative == os.curdir or relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise BadInput(f"{os.fsdecode(path)!r} is outside the root {os.fsdecode(root)!r}")
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(relative)
+        raise BadInput(f"file name {shown!r} is not valid UTF-8; rename it to archive it") from None
+    return relative.replace(os.sep, "/")
+
+
+def walk(paths: Iterable[str | os.PathLike], skip: set[Path]) -> Iterator[Path]:
+    """Every regular file named or below a named folder, sorted, without `skip`."""
+    for given in paths:
+        path = Path(os.path.abspath(given))
+        if path.is_dir():
+            for folder, subdirs, names in os.walk(path):
+                subdirs.sort()
+                for name in sorted(names):
+                    candidate = Path(folder, name)
+                    if candidate not in skip and candidate.is_file():
+                        yield candidate
+        elif path.is_file():
+            if path not in skip:
+                yield path
+        elif path.exists():
+            raise BadInput(f"{os.fsdecode(given)!r} is not a regular file or folder")
+        else:
+            raise BadInput(f"no such file or folder: {os.fsdecode(given)!r}")
+
+
+def ingest(
+    arc: Archive,
+    paths: Iterable[str | os.PathLike],
+    *,
+    root: str | os.PathLike | None = None,
+    at: TimeLike | None = None,
+    deletions: bool = False,
+) -> list[Recorded]:
+    """Record the current content of files; with `deletions`, also record as deleted every
+    archived document under the given folders that is gone."""
+    from .api import Version, to_us
+
+    root = Path(os.path.abspath(root if root is not None else os.curdir))
+    paths = list(paths)
+    at_us = to_us(at)
+    skip = {p.absolute() for p in arc.database_files()}
+    # Check every name before recording anything: bad input must not half-ingest.
+    keyed = [(key_for(p, root), p) for p in walk(paths, skip)]
+    prefixes = [_folder_prefix(p, root) for p in paths if Path(p).is_dir()]
+    results: list[Recorded] = []
+    batch: list[Version] = []
+    size = 0
+    for key, path in keyed:
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise BadInput(f"cannot read {path}: {error.strerror}") from None
+        batch.append(Version(key, data, at_us))
+        size += len(data)
+        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+            results += arc.record_many(batch)
+            batch, size = [], 0
+    if deletions:
+        present = {key for key, _ in keyed}
+        for prefix in prefixes:
+            gone = [k for k in arc.live_keys(prefix) if k not in present]
+            batch += [Version(k, None, at_us) for k in gone]
+    results += arc.record_many(batch)
+    return results
+
+
+def _folder_prefix(folder: str | os.PathLike, root: Path) -> str:
+    if os.path.abspath(folder) == str(root):
+        return ""
+    return key_for(folder, root) + "/"

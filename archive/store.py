@@ -1,0 +1,308 @@
+"""The storage layer: tables, engines, transactions, schema upgrades and driver errors.
+
+This is the one module that knows which engine is underneath. Everything that differs between
+SQLite and PostgreSQL (URLs, pragmas, how a writer takes the lock, how a missing table is
+detected, which driver error means what) lives here; callers see connections inside
+transactions and the archive's own errors.
+
+Writers are serialised: on SQLite by `BEGIN IMMEDIATE` (a plain deferred BEGIN fails at once
+with "database is locked" instead of waiting), on PostgreSQL by `LOCK TABLE events IN EXCLUSIVE
+MODE` (readers are not blocked, and positions become visible in commit order). Under that lock
+sequence numbers and positions are allocated gaplessly; `UNIQUE(doc_id, seq)` stays as the
+optimistic-concurrency guard, and a lost race is retried as a whole unit.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    exc,
+)
+from sqlalchemy.engine import make_url
+
+from .errors import ArchiveError, BadInput, Conflict, Locked, StorageError
+
+T = TypeVar("T")
+
+# Alembic revisions in order; the last is the schema this code reads and writes. A test checks
+# this against the scripts in alembic/versions, so start-up never has to import Alembic.
+REVISIONS = ("0001",)
+HEAD = REVISIONS[-1]
+
+# A SQLite INTEGER PRIMARY KEY is the rowid; BIGINT would not be.
+_Id = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+documents = Table(
+    "documents",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=False),
+    # The current name; NULL once another document has taken it over.
+    Column("key", Text, unique=True),
+    Column("seq", Integer, nullable=False),  # last sequence number
+    Column("head_hash", LargeBinary(32), nullable=False),  # event_hash of event `seq`
+    # The version in effect at the latest effective time: lets the common (not back-filled)
+    # ingest decide "unchanged" without reading events.
+    Column("eff_at", BigInteger, nullable=False),
+    Column("content_id", _Id, ForeignKey("contents.id")),  # NULL when deleted
+)
+
+doc_names = Table(
+    "doc_names",
+    metadata,
+    Column("key", Text, nullable=False),
+    Column("doc_id", _Id, ForeignKey("documents.id"), nullable=False),
+    PrimaryKeyConstraint("key", "doc_id"),
+)
+
+contents = Table(
+    "contents",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=False),
+    Column("sha256", LargeBinary(32), nullable=False, unique=True),
+    Column("size", BigInteger, nullable=False),
+    Column("base_id", _Id, ForeignKey("contents.id")),  # NULL: a keyframe
+    Column("depth", SmallInteger, nullable=False),  # deltas between this and its keyframe
+    Column("codec", SmallInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("position", _Id, primary_key=True, autoincrement=False),
+    Column("doc_id", _Id, ForeignKey("documents.id"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("type", SmallInteger, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("content_id", _Id, ForeignKey("contents.id")),
+    Column("size", BigInteger, nullable=False),
+    Column("recorded_at", BigInteger, nullable=False),
+    Column("effective_at", BigInteger, nullable=False),
+    Column("meta", Text),
+    Column("event_hash", LargeBinary(32), nullable=False),
+    UniqueConstraint("doc_id", "seq", name="uq_events_doc_seq"),
+    Index("ix_events_doc_time", "doc_id", "effective_at", "seq"),
+)
+
+
+def resolve_url(target: str | None) -> str:
+    """`--db` / `ARCHIVE_DB` as a SQLAlchemy URL: a URL is kept, a path becomes SQLite."""
+    target = target or os.environ.get("ARCHIVE_DB") or "archive.db"
+    if "://" not in target:
+        return "sqlite:///" + str(Path(target).expanduser().absolute())
+    if target.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + target.split("://", 1)[1]
+    return target
+
+
+def sqlite_files(url: str) -> list[Path]:
+    """The files a SQLite archive lives in (never to be ingested as documents)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return []
+    main = Path(parsed.database).absolute()
+    return [main] + [main.with_name(main.name + s) for s in ("-wal", "-shm", "-journal")]
+
+
+class Store:
+    """An engine plus the one place transactions begin, commit and roll back."""
+
+    def __init__(self, url: str | None = None, *, busy_timeout: float = 60.0):
+        self.url = resolve_url(url)
+        try:
+            parsed = make_url(self.url)
+        except exc.ArgumentError:
+            raise BadInput(f"not a database URL or path: {url!r}") from None
+        self.dialect = parsed.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise BadInput(f"unsupported database {self.dialect!r}: use SQLite or PostgreSQL")
+        self.busy_timeout = busy_timeout
+        if self.dialect == "sqlite":
+            self.engine = self._sqlite_engine(parsed)
+        else:
+            self.engine = create_engine(self.url, pool_pre_ping=True)
+        self._schema_checked = False
+
+    # -- engines -------------------------------------------------------------------------
+
+    def _sqlite_engine(self, parsed) -> Engine:
+        if parsed.database and parsed.database != ":memory:":
+            folder = Path(parsed.database).absolute().parent
+            if not folder.is_dir():
+                raise BadInput(f"cannot create archive: folder {folder} does not exist")
+        engine = create_engine(self.url)
+        busy_ms = int(self.busy_timeout * 1000)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record) -> None:
+            # Let SQLAlchemy's begin event, not pysqlite, decide when a transaction starts.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            # synchronous and busy_timeout reset on every connection; journal_mode is kept in
+            # the file. FULL: a committed version survives power loss too.
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            write = conn.get_execution_options().get("archive_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return engine
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except ArchiveError:
+            raise
+        except exc.IntegrityError as error:
+            raise Conflict(f"concurrent write conflict: {_first_line(error)}") from error
+        except exc.OperationalError as error:
+            text = str(error.orig).lower()
+            if "locked" in text or "busy" in text:
+                raise Locked(
+                    f"database is locked by another writer: {_first_line(error)}"
+                ) from error
+            if getattr(error.orig, "sqlstate", None) in ("40001", "40P01"):
+                raise Conflict(f"concurrent write conflict: {_first_line(error)}") from error
+            raise StorageError(f"database error: {_first_line(error)}") from error
+        except exc.DBAPIError as error:
+            raise StorageError(f"database error: {_first_line(error)}") from error
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read transaction: one consistent snapshot for everything the caller reads."""
+        self.ensure_schema()
+        with self._translated(), self.engine.connect() as conn, conn.begin():
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction holding the writers' lock; commits on success."""
+        self.ensure_schema()
+        with self._translated(), self.engine.connect() as conn:
+            conn = conn.execution_options(archive_write=True)
+            with conn.begin():
+                if self.dialect == "postgresql":
+                    conn.exec_driver_sql("LOCK TABLE events IN EXCLUSIVE MODE")
+                yield conn
+
+    def run_write(self, unit: Callable[[Connection], T], *, attempts: int = 8) -> T:
+        """Run `unit` in a write transaction, retrying the whole unit after a lost race."""
+        for attempt in range(attempts):
+            try:
+                with self.write() as conn:
+                    return unit(conn)
+            except (Conflict, Locked):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def database_size(self, conn: Connection) -> int:
+        """Bytes the archive occupies: the SQLite file's pages, or PostgreSQL's tables with
+        their indexes and TOAST."""
+        if self.dialect == "sqlite":
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar() or 0
+            return pages * (conn.exec_driver_sql("PRAGMA page_size").scalar() or 0)
+        return conn.exec_driver_sql(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+            "WHERE c.relname IN ('events', 'contents', 'documents', 'doc_names', "
+            "'alembic_version') AND c.relkind = 'r' AND pg_table_is_visible(c.oid)"
+        ).scalar()
+
+    # -- schema --------------------------------------------------------------------------
+
+    def _current_revision(self, conn: Connection) -> str | None:
+        if self.dialect == "sqlite":
+            exists = conn.exec_driver_sql(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'"
+            ).scalar()
+        else:
+            exists = conn.exec_driver_sql("SELECT to_regclass('alembic_version')").scalar()
+        if not exists:
+            return None
+        return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+    def revision(self) -> str | None:
+        with self._translated(), self.engine.connect() as conn, conn.begin():
+            return self._current_revision(conn)
+
+    def ensure_schema(self) -> None:
+        """Create or upgrade the schema if needed; refuse a schema newer than this code.
+
+        The common case (schema current) costs one query and never imports Alembic.
+        """
+        if self._schema_checked:
+            return
+        current = self.revision()
+        if current != HEAD:
+            self._check_known(current)
+            self._upgrade()
+        self._schema_checked = True
+
+    def _check_known(self, current: str | None) -> None:
+        if current is not None and current not in REVISIONS:
+            raise StorageError(
+                f"this archive has schema revision {current!r}, newer than this version of "
+                f"archive understands (latest {HEAD!r}): upgrade the archive package"
+            )
+
+    def _upgrade(self) -> None:
+        from alembic import command
+
+        from .migrations import alembic_config
+
+        with self._translated(), self.engine.connect() as conn:
+            conn = conn.execution_options(archive_write=True)
+            with conn.begin():
+                if self.dialect == "postgresql":
+                    # Two processes opening a new database at once: one migrates, one waits.
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7318010)")
+                current = self._current_revision(conn)  # again, under the lock
+                self._check_known(current)
+                if current != HEAD:
+                    config = alembic_config()
+                    config.attributes["connection"] = conn
+                    command.upgrade(config, "head")
+
+
+def _first_line(error: BaseException) -> str:
+    orig = getattr(error, "orig", None) or error
+    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__

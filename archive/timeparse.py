@@ -1,0 +1,75 @@
+"""The one definition of time in the archive: parsing what users type, showing what we store.
+
+Stored times are integer microseconds since the epoch, UTC. Accepted input: ISO 8601 with an
+offset or `Z`, naive ISO 8601 (taken in the local zone, `TZ` respected), or a date alone
+(midnight local time).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, date, datetime, timedelta, tzinfo
+
+from .errors import BadInput
+
+ACCEPTED = (
+    "ISO 8601 with an offset or Z (2020-01-03T08:30:00Z, 2020-01-03T00:30-08:00), "
+    "naive ISO 8601 in the local time zone (2020-01-03 00:30), or a date (2020-01-03)"
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def to_us(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # local zone
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(us: int, tz: tzinfo | None = None) -> datetime:
+    return (_EPOCH + timedelta(microseconds=us)).astimezone(tz or UTC)
+
+
+def parse(text: str) -> int:
+    """A user-supplied time as stored microseconds; BadInput names the accepted forms."""
+    if isinstance(text, datetime):
+        return to_us(text)
+    raw = text.strip()
+    time.tzset()  # honour a TZ set after start-up
+    try:
+        if _DATE_ONLY.match(raw):
+            day = date.fromisoformat(raw)
+            return to_us(datetime(day.year, day.month, day.day))
+        return to_us(datetime.fromisoformat(raw.replace("z", "Z")))
+    except (ValueError, OverflowError):
+        raise BadInput(f"cannot read time {text!r}: use {ACCEPTED}") from None
+
+
+def parse_tz(name: str | None) -> tzinfo | None:
+    """`--tz` values: an IANA zone name, `local`, or `UTC` (the default)."""
+    if name is None or name.upper() in ("UTC", "Z"):
+        return UTC
+    if name == "local":
+        time.tzset()
+        return datetime.now().astimezone().tzinfo
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise BadInput(f"unknown time zone {name!r}: use an IANA name, 'local' or 'UTC'") from None
+
+
+def show(us: int, tz: tzinfo | None = None) -> str:
+    """ISO 8601 text of a stored time; UTC is written with a `Z`."""
+    moment = from_us(us, tz)
+    spec = "seconds" if moment.microsecond == 0 else "microseconds"
+    text = moment.isoformat(timespec=spec)
+    return text[:-6] + "Z" if text.endswith("+00:00") and (tz is None or tz is UTC) else text
