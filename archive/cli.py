@@ -326,6 +326,57 @@ def stats(obj: Context, as_json: bool) -> None:
     _print(table)
 
 
+@cli.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), help="Keys are relative to this.")
+@click.option("--debounce", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Seconds a file must be quiet before its version is read.")
+@click.option("--ignore", multiple=True, metavar="GLOB", help="Also ignore these names.")
+@click.option("--rescan", type=click.FloatRange(min=0), default=300, show_default=True,
+              help="Seconds between full rescans (0: never).")
+@click.option("--effective-time", type=click.Choice(["observed", "mtime"]), default="observed",
+              show_default=True, help="A version's effective time: when seen, or its mtime.")
+@click.option("--once", is_flag=True, help="Reconcile the archive with the folders and exit.")
+@click.option("--polling", is_flag=True, help="Poll instead of native notifications.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+@click.pass_obj
+def watch(obj: Context, dirs, root, debounce, ignore, rescan, effective_time, once, polling,
+          log_level) -> None:
+    """Watch folders and record every new version of every file, until stopped."""
+    from .watch import watch as run_watch
+
+    run_watch(
+        obj.archive,
+        dirs,
+        root=root,
+        debounce=debounce,
+        ignore=ignore,
+        rescan=rescan,
+        effective_time=effective_time,
+        once=once,
+        polling=polling,
+        log_level=log_level,
+    )
+
+
+@cli.command("import-git")
+@click.argument("repo", type=click.Path(exists=True, file_okay=False))
+@click.option("--ref", default="HEAD", show_default=True, help="The history to walk.")
+@click.option("--path", "paths", multiple=True, metavar="GLOB", help="Only matching files.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def import_git(obj: Context, repo, ref, paths, as_json: bool) -> None:
+    """Record every version of files in a git history (first parent, oldest first)."""
+    from .importgit import import_git as run_import
+
+    summary = run_import(obj.archive, repo, ref=ref, paths=paths, progress=not as_json)
+    if as_json:
+        _json(summary)
+    else:
+        click.echo(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in summary.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="archive", standalone_mode=False)
