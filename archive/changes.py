@@ -40,7 +40,38 @@ def _token_diff(a: list[str], b: list[str]) -> list[tuple[int, list[str]]]:
 def word_diff(old: str, new: str) -> list[tuple[int, str]]:
     """A word-level diff: whole words, runs of white space and punctuation as units."""
     diffs = _token_diff(_TOKEN.findall(old), _TOKEN.findall(new))
-    return _merge([(op, "".join(parts)) for op, parts in diffs])
+    return _merge(_factor(_merge([(op, "".join(parts)) for op, parts in diffs])))
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _factor(diffs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Move text shared by the ends of a replaced pair out of it ("\n" -> "\n\nUpdate"
+    becomes an insertion of "\nUpdate"), so a white-space run that grew reads as growth."""
+    out: list[tuple[int, str]] = []
+    i = 0
+    while i < len(diffs):
+        if i + 1 < len(diffs) and {diffs[i][0], diffs[i + 1][0]} == {-1, 1}:
+            gone = diffs[i][1] if diffs[i][0] == -1 else diffs[i + 1][1]
+            came = diffs[i][1] if diffs[i][0] == 1 else diffs[i + 1][1]
+            head = _common_prefix(gone, came)
+            tail = _common_prefix(gone[head:][::-1], came[head:][::-1])
+            out.append((0, gone[:head]))
+            out.append((-1, gone[head : len(gone) - tail]))
+            out.append((1, came[head : len(came) - tail]))
+            out.append((0, gone[len(gone) - tail :]))
+            i += 2
+        else:
+            out.append(diffs[i])
+            i += 1
+    return out
 
 
 def line_diff(old: str, new: str) -> list[tuple[int, list[str]]]:
@@ -86,10 +117,28 @@ def summarize(old: bytes | None, new: bytes | None) -> dict[str, Any]:
 GREEN, RED, RESET = "\x1b[32m", "\x1b[31;9m", "\x1b[0m"
 
 
-def render_words(diffs: list[tuple[int, str]], *, color: bool) -> str:
+def _elide(text: str, *, first: bool, last: bool, context: int) -> str:
+    """Shorten unchanged text to `context` lines on each side that touches a change."""
+    lines = text.split("\n")
+    keep_head = 0 if first else context + 1
+    keep_tail = 0 if last else context + 1
+    if len(lines) <= keep_head + keep_tail + 1:
+        return text
+    hidden = len(lines) - keep_head - keep_tail
+    marker = f"\u22ef {hidden} unchanged line{'s' if hidden != 1 else ''} \u22ef"
+    parts = lines[:keep_head] + [marker] + (lines[len(lines) - keep_tail :] if keep_tail else [])
+    return "\n".join(parts) + ("" if keep_tail else "\n")
+
+
+def render_words(
+    diffs: list[tuple[int, str]], *, color: bool, context: int | None = 2
+) -> str:
+    """Inline word diff; unchanged stretches are cut to `context` lines (None: keep all)."""
     out = []
-    for op, text in diffs:
+    for i, (op, text) in enumerate(diffs):
         if op == 0:
+            if context is not None:
+                text = _elide(text, first=i == 0, last=i == len(diffs) - 1, context=context)
             out.append(text)
         elif color:
             out.append((GREEN if op == 1 else RED) + text + RESET)
