@@ -12,7 +12,8 @@ Times may be given as stored microseconds (int), `datetime`, or text in any form
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -327,6 +328,12 @@ class Archive:
                 )
             return Snapshot(found, self._content(conn, [found])[found.position].data)
 
+    @contextmanager
+    def reader(self, *, known_at: TimeLike | None = None) -> Iterator[Reader]:
+        """Many point-in-time reads in one snapshot (what `show --batch` uses)."""
+        with self.store.read() as conn:
+            yield Reader(self, conn, to_us(known_at))
+
     def _content(self, conn: Connection, found: Sequence[Event]) -> dict[int, Rebuilt]:
         """Rebuilt content per event position, for events that carry content."""
         ids = {ev.position: ev.content_id for ev in found if ev.content_id is not None}
@@ -513,6 +520,31 @@ class Archive:
         from .export import export
 
         return export(self, **options)
+
+
+class Reader:
+    """Point-in-time reads inside one read transaction, documents resolved once each."""
+
+    def __init__(self, arc: Archive, conn: Connection, known_at: int | None):
+        self.arc, self.conn, self.known_at = arc, conn, known_at
+        self._docs: dict[str, int | None] = {}
+
+    def at(self, key: str, at: TimeLike | None) -> Snapshot | None:
+        """The version of `key` in effect at `at`, or None where it did not exist."""
+        doc_id = self._docs.get(key, 0)
+        if doc_id == 0:
+            try:
+                doc_id = self.arc._resolve(self.conn, key)
+            except NotFound:
+                doc_id = None
+            self._docs[key] = doc_id
+        if doc_id is None:
+            return None
+        found = self.arc.event_at(self.conn, doc_id, at=to_us(at), known_at=self.known_at)
+        if found is None or found.content_id is None:
+            return None
+        data = load(self.conn, [found.content_id], self.arc.cache)[found.content_id].data
+        return Snapshot(found, data)
 
 
 def _rename(arc: Archive, conn: Connection, old: str, new: str, at: int | None) -> Recorded:
