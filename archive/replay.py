@@ -92,8 +92,10 @@ def load(conn: Connection, ids: Iterable[int], cache: ContentCache) -> dict[int,
 
 
 def _rebuild(content_id: int, rows: dict, cache: ContentCache) -> Rebuilt:
-    # Walk down to the nearest cached ancestor or keyframe, then apply deltas upwards.
-    path = []
+    # Walk down to the nearest cached ancestor or keyframe, then apply deltas upwards. Every
+    # step is verified (size and SHA-256) and cached, so neighbouring versions read next find
+    # a verified ancestor close by.
+    chain = []
     current: int | None = content_id
     base: Rebuilt | None = None
     while current is not None:
@@ -103,26 +105,35 @@ def _rebuild(content_id: int, rows: dict, cache: ContentCache) -> Rebuilt:
         row = rows.get(current)
         if row is None:
             raise Damaged(f"content {content_id}: its delta chain is broken at content {current}")
-        path.append(row)
-        current = row.base_id
-    for row in reversed(path):
-        payload = content.unpack(row.codec, row.data)
         if row.base_id is None:
-            data = payload
-            text_ = content.as_text(data)
-        else:
-            if base is None or base.text is None:
-                raise Damaged(f"content {row.id}: delta against a base that is not text")
-            try:
-                text_ = delta.apply(base.text, payload.decode("utf-8"))
-            except (ValueError, UnicodeDecodeError) as error:
-                raise Damaged(f"content {row.id}: delta does not apply: {error}") from None
-            data = text_.encode("utf-8")
-        if len(data) != row.size or content.sha256(data) != bytes(row.sha256):
-            raise Damaged(
-                f"content {row.id}: rebuilt bytes do not match SHA-256 {bytes(row.sha256).hex()}"
-            )
-        base = Rebuilt(data, text_)
-        cache.put(row.id, base)
+            base = _keyframe(row)
+            cache.put(row.id, base)
+            break
+        chain.append(row)
+        current = row.base_id
     assert base is not None
+    for row in reversed(chain):
+        if base.text is None:
+            raise Damaged(f"content {row.id}: delta against a base that is not text")
+        try:
+            step = content.unpack(row.codec, row.data).decode("utf-8")
+            text_ = delta.apply_chain(base.text, [step])
+        except (ValueError, UnicodeDecodeError) as error:
+            raise Damaged(f"content {row.id}: delta does not apply: {error}") from None
+        base = Rebuilt(text_.encode("utf-8"), text_)
+        _check(row, base.data)
+        cache.put(row.id, base)
     return base
+
+
+def _keyframe(row) -> Rebuilt:
+    data = content.unpack(row.codec, row.data)
+    _check(row, data)
+    return Rebuilt(data, content.as_text(data))
+
+
+def _check(row, data: bytes) -> None:
+    if len(data) != row.size or content.sha256(data) != bytes(row.sha256):
+        raise Damaged(
+            f"content {row.id}: rebuilt bytes do not match SHA-256 {bytes(row.sha256).hex()}"
+        )
