@@ -52,7 +52,7 @@ def to_us(value: TimeLike | None) -> int | None:
 
 def check_key(key: str) -> str:
     """A document key: a relative POSIX path that cannot escape an export folder."""
-    if not isinstance(key, str) or not key or "\x00" in key or "\\" in key:
+    if not isinstance(key, str) or not key or "\x00" in key:
         raise BadInput(f"invalid document key {key!r}")
     parts = key.split("/")
     if key.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -501,8 +501,9 @@ class Archive:
                 ),
                 {"deleted": TYPE_CODES[DELETED]},
             ).one()
-            result = dict(row._mapping)
-            result["database_bytes"] = self.store.database_size(conn)
+            # int(): PostgreSQL's sum() over BIGINT is NUMERIC.
+            result = {name: int(value) for name, value in row._mapping.items()}
+            result["database_bytes"] = int(self.store.database_size(conn))
         raw = result["raw_bytes"] or 0
         result["ratio"] = round(result["stored_bytes"] / raw, 4) if raw else None
         result["database_ratio"] = round(result["database_bytes"] / raw, 4) if raw else None

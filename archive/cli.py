@@ -383,7 +383,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as error:
-        error.show()
+        message = " ".join(error.format_message().split())
+        command = f"{error.ctx.command_path} " if getattr(error, "ctx", None) else ""
+        click.echo(f"archive: {command.removeprefix('archive ')}{message}", err=True)
         sys.exit(EXIT_USAGE)
     except click.exceptions.Abort:
         click.echo("archive: interrupted", err=True)

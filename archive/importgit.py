@@ -26,6 +26,7 @@ which case recording it is exactly what the rule asks for.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import subprocess
@@ -245,7 +246,8 @@ class _BlobReader:
 
     def __exit__(self, *_exc: object) -> None:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.close()
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
         self.proc.stdout.close()
         self.proc.wait()
 
@@ -257,8 +259,9 @@ class _BlobReader:
         assert stdin is not None and stdout is not None
 
         def feed() -> None:
-            stdin.write(b"".join(oid.encode() + b"\n" for oid in wanted))
-            stdin.flush()
+            with contextlib.suppress(BrokenPipeError, ValueError):  # git gone: reader says why
+                stdin.write(b"".join(oid.encode() + b"\n" for oid in wanted))
+                stdin.flush()
 
         writer = threading.Thread(target=feed, daemon=True)
         writer.start()
@@ -274,6 +277,9 @@ class _BlobReader:
                 if len(data) != size:
                     raise BadInput(f"git cat-file: blob {oid} was cut short")
                 found[oid] = data
+        except BaseException:
+            self.proc.kill()  # unblocks the writer if git stopped reading
+            raise
         finally:
             writer.join()
         return found

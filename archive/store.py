@@ -125,7 +125,7 @@ def sqlite_files(url: str) -> list[Path]:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database:
         return []
-    main = Path(parsed.database).absolute()
+    main = Path(os.path.abspath(parsed.database))
     return [main] + [main.with_name(main.name + s) for s in ("-wal", "-shm", "-journal")]
 
 

@@ -53,7 +53,24 @@ def _verify_contents(arc: Archive, conn, problems: list[dict[str, Any]]) -> None
             try:
                 load(conn, [row.id], cache)
             except Damaged as error:
-                problems.append({"content": row.id, "problem": str(error)})
+                problems += _content_users(conn, row.id, str(error))
+
+
+def _content_users(conn, content_id: int, problem: str) -> list[dict[str, Any]]:
+    """A broken content, named by every event (document, version, position) that uses it."""
+    users = conn.execute(
+        text(
+            "SELECT key, seq, position FROM events WHERE content_id = :id ORDER BY position"
+        ),
+        {"id": content_id},
+    ).all()
+    if not users:
+        return [{"content": content_id, "problem": problem}]
+    return [
+        {"document": u.key, "seq": u.seq, "position": u.position, "content": content_id,
+         "problem": problem}
+        for u in users
+    ]
 
 
 def _verify_events(conn, problems: list[dict[str, Any]]) -> None:
