@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -48,24 +50,60 @@ def archive(*args: str, check: bool = True) -> int:
     return done.returncode
 
 
+def wait_for(what: str, check, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            sys.exit(f"demo: timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def archived_sha(key: str) -> str | None:
+    done = subprocess.run([str(BIN / "archive"), "show", key], cwd=ROOT, capture_output=True)
+    return hashlib.sha256(done.stdout).hexdigest() if done.returncode == 0 else None
+
+
 def demo() -> None:
-    """The main job: replay the seeds' timeline into a fresh SQLite archive, then show the
-    history of article 000, its text around the 12:30AM PT update, the diff of the update,
-    a point-in-time export and a verification."""
+    """The main job: the watcher daemon records the seeds' timeline as it is written into a
+    fresh folder (each version with its timeline time as mtime); then the history of article
+    000, its text around the 12:30AM PT update, the diff of that update, a point-in-time
+    export and a verification."""
     ensure_env()
     if DEMO.exists():
         shutil.rmtree(DEMO)
-    docs = (DEMO / "docs").relative_to(ROOT)
-    (ROOT / docs).mkdir(parents=True)
-    db = "demo/archive.db"
-    os.environ["ARCHIVE_DB"] = str(ROOT / db)
+    docs = DEMO / "docs"
+    docs.mkdir(parents=True)
+    os.environ["ARCHIVE_DB"] = str(DEMO / "archive.db")
     sys.path.insert(0, str(ROOT))
+    from datetime import datetime
+
     from archive.timeline import load
 
-    print(f"Replaying seeds/timeline.json into {db}", flush=True)
-    for step in load(ROOT / "seeds" / "timeline.json"):
-        (ROOT / docs / step.key).write_bytes(step.data)
-        archive("ingest", "--root", str(docs), "--at", step.at, str(docs / step.key))
+    log_path = DEMO / "watch.log"
+    command = ["watch", "demo/docs", "--effective-time", "mtime", "--debounce", "0.2"]
+    print(f"$ archive {' '.join(command)} 2> demo/watch.log &", flush=True)
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen([str(BIN / "archive"), *command], cwd=ROOT, stderr=log)
+    try:
+        wait_for("the daemon to start", lambda: "files checked" in log_path.read_text())
+        for step in load(ROOT / "seeds" / "timeline.json"):
+            # Write aside, stamp the timeline's time, then rename into place (an atomic save):
+            # the daemon never sees the bytes with the wrong mtime.
+            staging = docs / f".{step.key}.part"
+            staging.write_bytes(step.data)
+            stamp = datetime.fromisoformat(step.at).timestamp()
+            os.utime(staging, (stamp, stamp))
+            os.replace(staging, docs / step.key)
+            sha = hashlib.sha256(step.data).hexdigest()
+            print(f"wrote {step.key} as of {step.at} ({len(step.data)} bytes)", flush=True)
+            wait_for(f"{step.key} to be recorded", lambda k=step.key, h=sha: archived_sha(k) == h)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(timeout=60)
+    print(f"$ kill -TERM %1   # the daemon commits what is pending and exits {code}")
+    print(log_path.read_text().rstrip())
+    if code != 0:
+        sys.exit(f"the watcher exited with {code}")
     archive("history", ARTICLE)
     archive("show", ARTICLE, "--at", "2020-01-03T00:29:00-08:00")
     archive("show", ARTICLE, "--at", "2020-01-03T00:31:00-08:00")

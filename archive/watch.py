@@ -248,6 +248,17 @@ def _glob_regex(globs: Sequence[str]) -> re.Pattern[str] | None:
 _DEFAULT_IGNORED = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in DEFAULT_IGNORES))
 
 
+def _absent(path: str) -> bool:
+    """No regular file at `path` (as `archive ingest` sees files); an error other than
+    "not found" (a folder we may not list) is not proof of absence."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+
+
 def _inside(path: str, folder: str) -> bool:
     """Strictly below `folder` (both absolute and normalised)."""
     return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
@@ -639,9 +650,7 @@ class Watcher:
         # A string prefix, as `live_keys` compares: one query for the whole batch.
         prefix = os.path.commonprefix([key for key, _ in gone])  # noqa: RUF071
         live = set(self._db(lambda: self.arc.live_keys(prefix)))
-        return [
-            Version(key, None) for key, path in gone if key in live and not os.path.isfile(path)
-        ]
+        return [Version(key, None) for key, path in gone if key in live and _absent(path)]
 
     def _read(self, path: str, *, force: bool) -> Read:
         """The bytes of a regular file, if it has been quiet and did not change while read.
@@ -812,9 +821,12 @@ class Watcher:
         _, current = self._db(self.arc.corpus)
         prefixes = [p for p in (self.rules.prefix_of(d) for d in self.rules.dirs) if p is not None]
         archived: dict[str, bytes | None] = {}
+        by_sha: dict[bytes, list[str]] = {}
         for ev in current:
             if any(ev.key.startswith(p) for p in prefixes):
                 archived[ev.key] = ev.sha256
+                if ev.sha256 is not None and ev.size > 0:
+                    by_sha.setdefault(ev.sha256, []).append(ev.key)
             if self.use_mtime:
                 self.floors[ev.key] = ev.effective_at
         present: set[str] = set()
@@ -849,6 +861,15 @@ class Watcher:
                     self._touch(path, delay=got.retry_in)
                 elif got.outcome == "data":
                     assert got.st is not None
+                    sha = self.cache[path][1]
+                    if key not in archived:
+                        old = self._moved_while_unseen(key, sha, by_sha, blocked)
+                        if old and self._rename(old, key, self.rules.path_of(old), path):
+                            del archived[old]
+                            archived[key] = sha
+                            by_sha[sha].remove(old)
+                            recorded += 1
+                            continue
                     batch.append(self._version(key, path, got))
                     size += len(got.data)
                     if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
@@ -902,7 +923,16 @@ class Watcher:
             return False
         if any(path == b or _inside(path, b) for b in blocked):
             return False
-        return not os.path.isfile(path)  # as `archive ingest` sees files
+        return _absent(path)
+
+    def _moved_while_unseen(
+        self, key: str, sha: bytes, by_sha: dict[bytes, list[str]], blocked: list[str]
+    ) -> str | None:
+        """The live document a new file was moved from while nobody watched (the daemon
+        down, or notifications lost): the one archived key with the same bytes whose file
+        is gone. Ambiguous matches are left to delete + create."""
+        candidates = [k for k in by_sha.get(sha, ()) if k != key and self._may_delete(k, blocked)]
+        return candidates[0] if len(candidates) == 1 else None
 
 
 # -- the process: logging, signals, supervision ---------------------------------------------------
