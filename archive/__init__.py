@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 from .errors import ArchiveError, BadInput, Conflict, Damaged, Locked, NotFound, StorageError
 
 if TYPE_CHECKING:
-    from .api import Archive, Recorded, Snapshot, Version
+    from .api import ABSENT, Archive, Recorded, Snapshot, Version
 
 __all__ = [
+    "ABSENT",
     "Archive",
     "ArchiveError",
     "BadInput",
@@ -29,7 +30,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # The API pulls in SQLAlchemy; import it on first use so `archive --help` stays quick.
-    if name in ("Archive", "Recorded", "Snapshot", "Version"):
+    if name in ("ABSENT", "Archive", "Recorded", "Snapshot", "Version"):
         from . import api
 
         return getattr(api, name)

@@ -72,6 +72,12 @@ class Version:
     data: bytes | None
     at: TimeLike | None = None
     meta: dict[str, Any] | None = None
+    # Optimistic check: record only if the version in effect at `at` has this SHA-256
+    # (ABSENT: no version); otherwise nothing is recorded and the status is "conflict".
+    expect: bytes | None = None
+
+
+ABSENT = b""  # `Version.expect` for "the document does not exist at that time"
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +203,7 @@ class Archive:
     def record_many(self, versions: Iterable[Version]) -> list[Recorded]:
         """Record many observations in one transaction, in order; one event per change."""
         batch = [
-            Version(check_key(v.key), v.data, to_us(v.at), v.meta) for v in versions
+            Version(check_key(v.key), v.data, to_us(v.at), v.meta, v.expect) for v in versions
         ]
         if not batch:
             return []
@@ -211,11 +217,17 @@ class Archive:
 
     def rename(self, old: str, new: str, *, at: TimeLike | None = None) -> Recorded:
         """Record that the document at `old` is now at `new` (same content, same history)."""
-        old, new = check_key(old), check_key(new)
+        return self.rename_many([(old, new)], at=at)[0]
+
+    def rename_many(
+        self, pairs: Iterable[tuple[str, str]], *, at: TimeLike | None = None
+    ) -> list[Recorded]:
+        """Several renames in one transaction (a folder moved): all or none."""
+        checked = [(check_key(old), check_key(new)) for old, new in pairs]
         effective = to_us(at)
 
-        def unit(conn: Connection) -> Recorded:
-            return _rename(self, conn, old, new, effective)
+        def unit(conn: Connection) -> list[Recorded]:
+            return [_rename(self, conn, old, new, effective) for old, new in checked]
 
         return self.store.run_write(unit)
 
@@ -724,6 +736,10 @@ class _BatchWriter:
         at = v.at if v.at is not None else self.now
         doc = self.docs.get(v.key)
         current = self._in_effect(doc, at) if doc is not None else None
+        if v.expect is not None:
+            found = self._content_by_id(current).sha256 if current is not None else ABSENT
+            if found != v.expect:
+                return Recorded(v.key, "conflict")
         if v.data is None:
             if current is None:
                 return Recorded(v.key, "absent")

@@ -328,7 +328,12 @@ def stats(obj: Context, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--root", type=click.Path(file_okay=False), help="Keys are relative to this.")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False),
+    help="Keys are relative to this (default: the folder when one is watched, else the "
+    "current directory).",
+)
 @click.option("--debounce", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="Seconds a file must be quiet before its version is read.")
 @click.option("--ignore", multiple=True, metavar="GLOB", help="Also ignore these names.")

@@ -43,8 +43,8 @@ from .errors import ArchiveError, BadInput
 if TYPE_CHECKING:
     from .api import Archive
 
-BATCH_VERSIONS = 2000  # versions per record_many transaction
-BATCH_BYTES = 64 << 20  # ...or fewer, when their blobs add up to this many bytes
+BATCH_VERSIONS = 1000  # versions per record_many transaction (and progress step)
+BATCH_BYTES = 32 << 20  # ...or fewer, when their blobs add up to this many bytes
 READ_CHUNK = 256  # blob ids handed to cat-file at a time
 
 _GITLINK = "160000"  # a submodule entry: its "blob" is a commit in another repository
