@@ -24,12 +24,41 @@ LINE_MODE_ABOVE = 200_000
 
 
 def diff(old: str, new: str) -> list[tuple[int, str]]:
-    """diff-match-patch diff tuples (-1, 0, 1) from `old` to `new`."""
+    """diff-match-patch diff tuples (-1, 0, 1) from `old` to `new`.
+
+    The common prefix and suffix are found on the UTF-8 bytes first (fast-diff-match-patch is
+    several times faster on bytes than on str), moved back to character boundaries, and only
+    the middle is diffed as text, with semantic clean-up: fewer, larger operations make
+    smaller deltas and diffs that read as words.
+    """
+    if old == new:
+        return [(0, old)] if old else []
+    if not old or not new:
+        return [(1, new)] if new else [(-1, old)]
+    a, b = old.encode("utf-8"), new.encode("utf-8")
+    ops = fast_diff_match_patch.diff(a, b, timelimit=0, checklines=False, counts_only=True)
+    head = ops[0][1] if ops[0][0] == "=" else 0
+    tail = ops[-1][1] if ops[-1][0] == "=" else 0
+    while head and head < len(a) and (a[head] & 0xC0) == 0x80:
+        head -= 1  # the prefix ended inside a character
+    while tail and (a[len(a) - tail] & 0xC0) == 0x80:
+        tail -= 1  # the suffix began inside a character
+    head_chars = len(a[:head].decode("utf-8"))
+    tail_chars = len(a[len(a) - tail :].decode("utf-8")) if tail else 0
     checklines = len(old) > LINE_MODE_ABOVE and len(new) > LINE_MODE_ABOVE
-    raw = fast_diff_match_patch.diff(
-        old, new, timelimit=0, checklines=checklines, cleanup="No", counts_only=False
+    middle = fast_diff_match_patch.diff(
+        old[head_chars : len(old) - tail_chars],
+        new[head_chars : len(new) - tail_chars],
+        timelimit=0,
+        checklines=checklines,
+        cleanup="Semantic",
+        counts_only=False,
     )
-    return [(_OPS[op], text) for op, text in raw]
+    result = [(0, old[:head_chars])] if head_chars else []
+    result += [(_OPS[op], text) for op, text in middle if text]
+    if tail_chars:
+        result.append((0, old[len(old) - tail_chars :]))
+    return result
 
 
 def make(old: str, new: str) -> str:
