@@ -227,7 +227,15 @@ class Archive:
         effective = to_us(at)
 
         def unit(conn: Connection) -> list[Recorded]:
-            return [_rename(self, conn, old, new, effective) for old, new in checked]
+            # One clock reading for the whole move: every rename of it shares recorded_at, so
+            # no "known at" query can see the folder half moved.
+            now, recorded_at, position = _clock(conn)
+            results = []
+            for old, new in checked:
+                result = _rename(conn, old, new, effective, now, recorded_at, position)
+                position += result.event is not None
+                results.append(result)
+            return results
 
         return self.store.run_write(unit)
 
@@ -560,9 +568,16 @@ class Reader:
         return Snapshot(found, data)
 
 
-def _rename(arc: Archive, conn: Connection, old: str, new: str, at: int | None) -> Recorded:
+def _rename(
+    conn: Connection,
+    old: str,
+    new: str,
+    at: int | None,
+    now: int,
+    recorded_at: int,
+    position: int,
+) -> Recorded:
     """One `renamed` event: same content, new key; the old name stays findable."""
-    now, recorded_at, position = _clock(conn)
     effective = at if at is not None else now
     row = conn.execute(select(documents).where(documents.c.key == old)).first()
     if row is None or row.content_id is None:

@@ -11,9 +11,19 @@ Design, in the order things happen:
   polling loop). A due path is read only when it has been quiet for `debounce` seconds and
   its size and mtime did not change while it was read; whatever is due at once is recorded
   in one `record_many` transaction, and logged only after that returned (committed).
+* Every version carries `expect`: the SHA-256 the worker believes is archived for its key
+  (from the last scan of the archive and from its own committed results; ABSENT for none).
+  Another writer (a second daemon on the same folder) that recorded in between makes it a
+  "conflict": nothing is recorded, the worker reads that key's state from the archive again
+  and re-reads the file after the debounce period. So a version read before another
+  writer's newer one can never be committed after it, however long the write lock took.
+  The belief is only ever refreshed before the file is (re-)read, never between a read and
+  its commit: that ordering is what makes the guard sound.
 * Moves are recorded as they arrive (a move is atomic; its content is read later through
   the usual debounce): a live document moved to a free name becomes a `renamed` event,
-  anything else is a change of the target plus a possible deletion of the source.
+  anything else is a change of the target plus a possible deletion of the source. A moved
+  folder's documents are renamed in one transaction (`rename_many`), one by one only where
+  a target name is taken.
 * The main thread waits for SIGTERM/SIGINT on a self-pipe and supervises: a dead observer
   (or a watched folder deleted and created again) is restarted and followed by a rescan.
   On a signal it stops the observer, lets the worker record everything pending, and
@@ -42,6 +52,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,8 +75,9 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
-from .api import Archive, Recorded, Version, check_key
+from .api import ABSENT, Archive, Recorded, Version, check_key
 from .errors import BadInput, NotFound, StorageError
+from .events import DELETED
 from .files import key_for
 
 T = TypeVar("T")
@@ -96,6 +108,7 @@ SUPERVISE_EVERY = 1.0  # seconds between observer health checks
 POLL_INTERVAL = 1.0  # the polling observer's period
 MAX_BACKOFF = 30.0
 RESCAN_GAP = 1.0  # seconds between requested rescans (inotify overflow, observer restart)
+FINAL_ROUNDS = 5  # passes over pending paths when stopping (conflicts put paths back)
 OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 
 Signature = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
@@ -348,7 +361,8 @@ class Watcher:
         self.cache: dict[str, tuple[Signature, bytes]] = {}  # path -> (stat, sha256)
         self.floors: dict[str, int | None] = {}  # key -> latest effective time (mtime mode)
         self.unreadable: set[str] = set()
-        self.reads: dict[str, tuple[str, tuple[int, int]]] = {}  # key -> (path, size+mtime)
+        # key -> the SHA-256 believed archived now (a live document); missing: ABSENT.
+        self.archived: dict[str, bytes] = {}
         self.observer: Any = None
         self.watching: list[str] = []
 
@@ -461,7 +475,7 @@ class Watcher:
                 for event in events:
                     self._on_event(event)
                 if stopping:
-                    self._process_due(final=True)
+                    self._finish()
                     return
                 if rescan or (next_rescan is not None and time.monotonic() >= next_rescan):
                     self.reconcile(startup=False)
@@ -478,6 +492,15 @@ class Watcher:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 self.request_rescan()
+
+    def _finish(self) -> None:
+        """Record everything pending now. A conflict puts its path back in `pending`: a
+        few more rounds record it against the refreshed state; whatever another writer keeps
+        changing after that is left to it, or to the next start's reconcile."""
+        for _ in range(FINAL_ROUNDS):
+            self._process_due(final=True)
+            if not self.pending:
+                return
 
     def run_once(self) -> None:
         """`--once`: reconcile, wait for files that are still being written, and return."""
@@ -565,17 +588,21 @@ class Watcher:
         if old == new:
             return False
         try:
-            result = self._db(lambda: self.arc.rename(old, new, at=self._rename_at(new, dest)))
+            result = self._db(lambda: self.arc.rename(old, new, at=self._rename_at([dest])))
         except NotFound:
             return False  # another writer moved or deleted it first
         except BadInput:
             self._touch(src)
             return False
         self._committed([result])
+        self._moved(src, dest)
+        return True
+
+    def _moved(self, src: str, dest: str) -> None:
+        """A recorded rename: what we knew of the source path is now the target's."""
         self.pending.pop(src, None)
         if src in self.cache:
             self.cache[dest] = self.cache.pop(src)
-        return True
 
     def _folder_moved(self, src: str, dest: str) -> None:
         old_prefix, new_prefix = self.rules.prefix_of(src), self.rules.prefix_of(dest)
@@ -583,18 +610,52 @@ class Watcher:
             if new_prefix is None:
                 self._touch_under(src)
             else:
-                for key in self._db(lambda: self.arc.live_keys(old_prefix)):
-                    new_key = new_prefix + key[len(old_prefix) :]
-                    old_path, new_path = self.rules.path_of(key), self.rules.path_of(new_key)
-                    if self.rules.key_of(new_path) != new_key:
-                        self._touch(old_path)
-                    else:
-                        self._rename(key, new_key, old_path, new_path)
+                # Events from before the move name paths that are gone; first, so that
+                # what is touched below (a source to delete) stays pending.
                 for path in list(self.pending):
                     if _inside(path, src):
                         self.pending.pop(path)
+                pairs = []
+                for key in self._db(lambda: self.arc.live_keys(old_prefix)):
+                    new_key = new_prefix + key[len(old_prefix) :]
+                    if self.rules.key_of(self.rules.path_of(new_key)) != new_key:
+                        self._touch(self.rules.path_of(key))
+                    else:
+                        pairs.append((key, new_key))
+                self._rename_many(pairs, old_prefix, new_prefix)
         if new_prefix is not None:
             self._touch_tree(dest)
+
+    def _rename_many(self, pairs: list[tuple[str, str]], old_prefix: str, new_prefix: str) -> None:
+        """A moved folder's live documents: those whose new name is free in one
+        transaction, the others one by one (`_rename`: a taken name is a change there).
+        `rename_many` is all or none: if another writer took a name or moved a source since
+        we looked (a second daemon on the same folder), look again once, then go one by one."""
+        if not pairs:
+            return
+        single: list[tuple[str, str]] = []
+        for attempt in range(2):
+            if attempt:
+                live = set(self._db(lambda: self.arc.live_keys(old_prefix)))
+                pairs = [(old, new) for old, new in pairs if old in live]
+            taken = set(self._db(lambda: self.arc.live_keys(new_prefix)))
+            free = [(old, new) for old, new in pairs if new not in taken]
+            single = [(old, new) for old, new in pairs if new in taken]
+            if not free:
+                break
+            at = self._rename_at([self.rules.path_of(new) for _, new in free])
+            try:
+                results = self._db(partial(self.arc.rename_many, free, at=at))
+            except (BadInput, NotFound) as error:
+                log.debug("renaming %d documents at once failed: %s", len(free), error)
+                single = pairs
+                continue
+            self._committed(results)
+            for old, new in free:
+                self._moved(self.rules.path_of(old), self.rules.path_of(new))
+            break
+        for old, new in single:
+            self._rename(old, new, self.rules.path_of(old), self.rules.path_of(new))
 
     # -- due paths -> versions -----------------------------------------------------------------
 
@@ -634,7 +695,7 @@ class Watcher:
                 self._touch(path, delay=got.retry_in, first_seen=entry.first_seen)
             elif got.outcome == "data":
                 assert got.st is not None
-                batch.append(self._version(key, path, got, recheck=not force))
+                batch.append(self._version(key, got))
                 size += len(got.data)
                 if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
                     self._record(batch)
@@ -650,7 +711,14 @@ class Watcher:
         # A string prefix, as `live_keys` compares: one query for the whole batch.
         prefix = os.path.commonprefix([key for key, _ in gone])  # noqa: RUF071
         live = set(self._db(lambda: self.arc.live_keys(prefix)))
-        return [Version(key, None) for key, path in gone if key in live and _absent(path)]
+        for key, _ in gone:
+            if key not in live:
+                self.archived.pop(key, None)  # read after the file was found gone: safe
+        return [
+            Version(key, None, expect=self._expect(key))
+            for key, path in gone
+            if key in live and _absent(path)
+        ]
 
     def _read(self, path: str, *, force: bool) -> Read:
         """The bytes of a regular file, if it has been quiet and did not change while read.
@@ -706,13 +774,19 @@ class Watcher:
             at = floor
         return at
 
-    def _rename_at(self, key: str, path: str) -> int | None:
+    def _rename_at(self, paths: Iterable[str]) -> int | None:
+        """None (observed: now), or the earliest mtime of the renamed files: the archive
+        raises each rename to its document's last effective time, which keeps them in order
+        without moving any later than that."""
         if not self.use_mtime:
             return None
-        try:
-            return os.stat(path).st_mtime_ns // 1000  # the archive keeps renames in order
-        except OSError:
-            return None
+        times = []
+        for path in paths:
+            try:
+                times.append(os.stat(path).st_mtime_ns // 1000)
+            except OSError:
+                continue
+        return min(times) if times else None
 
     def _floor(self, key: str) -> int | None:
         if key not in self.floors:
@@ -728,37 +802,32 @@ class Watcher:
 
     # -- recording ------------------------------------------------------------------------------
 
-    def _version(self, key: str, path: str, got: Read, *, recheck: bool = True) -> Version:
-        """A version from a read, remembering what the file looked like when read (not
-        for forced reads: a file that never stops changing is recorded as it was)."""
+    def _version(self, key: str, got: Read) -> Version:
+        """A version from a read, guarded by what we believe the archive holds for `key`."""
         assert got.st is not None
-        if recheck:
-            self.reads[key] = (path, signature(got.st)[:2])
-        else:
-            self.reads.pop(key, None)
-        return Version(key, got.data, self._at(key, got.st))
+        return Version(key, got.data, self._at(key, got.st), expect=self._expect(key))
 
-    def _still_as_read(self, versions: list[Version]) -> list[Version]:
-        """Drop versions whose file changed since it was read (its new event re-reads it):
-        another daemon on the same folder may already have recorded the newer bytes, and
-        committing the older ones after them would record a version twice."""
-        kept = []
-        for v in versions:
-            source = self.reads.pop(v.key, None)
-            if v.data is not None and source is not None:
-                path, seen = source
-                try:
-                    now = signature(os.stat(path))[:2]
-                except OSError:
-                    now = None
-                if now != seen:
-                    self._touch(path)
-                    continue
-            kept.append(v)
-        return kept
+    def _expect(self, key: str) -> bytes:
+        return self.archived.get(key, ABSENT)
+
+    def _refresh(self, key: str) -> None:
+        """Read again what the archive holds for `key` (after a conflict, before the file
+        is read again): the version in effect now, and the floor in mtime mode."""
+        try:
+            found = self._db(lambda: self.arc.history(key))
+        except NotFound:
+            found = []
+        # A history found through an old name belongs to a renamed document: the key is free.
+        alive = bool(found) and found[-1].key == key
+        head = max(found, key=lambda e: (e.effective_at, e.seq)) if alive else None
+        if head is None or head.type == DELETED or head.sha256 is None:
+            self.archived.pop(key, None)
+        else:
+            self.archived[key] = head.sha256
+        if self.use_mtime:
+            self.floors[key] = max(e.effective_at for e in found) if alive else None
 
     def _record(self, versions: list[Version]) -> None:
-        versions = self._still_as_read(versions)
         if not versions:
             return
         try:
@@ -773,13 +842,24 @@ class Watcher:
         self._committed(results)
 
     def _committed(self, results: Iterable[Recorded]) -> None:
-        """Log what a committed transaction recorded, one line per version."""
+        """Log what a committed transaction recorded, one line per version, and keep what
+        we believe is archived up to date. A conflict (another writer recorded that key
+        since we last knew it) refreshes the key and reads its file again after the
+        debounce period. "unchanged" and "absent" passed their `expect`: nothing to learn."""
         for r in results:
             ev = r.event
             if ev is None:
-                if r.status != "absent":
+                if r.status == "conflict":
+                    log.debug("conflict %s: another writer recorded it; reading it again", r.key)
+                    self._refresh(r.key)
+                    self._touch(self.rules.path_of(r.key))
+                elif r.status != "absent":
                     log.debug("%s %s", r.status, r.key)
                 continue
+            if ev.type == DELETED or ev.sha256 is None:
+                self.archived.pop(r.key, None)
+            else:
+                self.archived[r.key] = ev.sha256
             if self.use_mtime:
                 floor = self.floors.get(r.key)
                 self.floors[r.key] = (
@@ -788,6 +868,8 @@ class Watcher:
             sha = f" sha256 {ev.sha256.hex()[:12]}…" if ev.sha256 else ""
             if r.status == "renamed":
                 old = (ev.meta or {}).get("from")
+                if old:
+                    self.archived.pop(old, None)
                 if self.use_mtime and old:
                     self.floors[old] = None  # a file there now starts a new document
                 log.info("recorded renamed %s -> %s v%d%s", old, r.key, ev.seq, sha)
@@ -829,6 +911,8 @@ class Watcher:
                     by_sha.setdefault(ev.sha256, []).append(ev.key)
             if self.use_mtime:
                 self.floors[ev.key] = ev.effective_at
+        # Read before any file is: what we believe from now on, updated as we commit.
+        self.archived = {key: sha for key, sha in archived.items() if sha is not None}
         present: set[str] = set()
         seen: set[str] = set()
         blocked: list[str] = []
@@ -870,7 +954,7 @@ class Watcher:
                             by_sha[sha].remove(old)
                             recorded += 1
                             continue
-                    batch.append(self._version(key, path, got))
+                    batch.append(self._version(key, got))
                     size += len(got.data)
                     if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
                         self._record(batch)
@@ -878,7 +962,7 @@ class Watcher:
                         batch, size = [], 0
         if complete:
             batch += [
-                Version(key, None)
+                Version(key, None, expect=self._expect(key))
                 for key in archived
                 if key not in present and self._may_delete(key, blocked)
             ]

@@ -910,3 +910,17 @@ def test_a_newer_schema_is_refused_clearly(arc, db_url):
     assert "newer" in message.lower()
     # nothing was changed by the refusal
     assert raw_rows(db_url, "SELECT version_num FROM alembic_version") == [("zz9999_future",)]
+
+
+def test_rename_many_is_one_transaction_with_one_recorded_time(arc):
+    for name in ("d/a.txt", "d/b.txt", "d/c.txt"):
+        arc.record(name, name.encode())
+    results = arc.rename_many([(f"d/{n}", f"e/{n}") for n in ("a.txt", "b.txt", "c.txt")])
+    events = [r.event for r in results]
+    assert [r.status for r in results] == ["renamed"] * 3
+    assert len({ev.recorded_at for ev in events}) == 1
+    positions = [ev.position for ev in events]
+    assert positions == list(range(positions[0], positions[0] + 3))
+    assert arc.show("d/b.txt").data == b"d/b.txt"  # the old name still resolves
+    assert [ev.type for ev in arc.history("e/b.txt")] == ["created", "renamed"]
+    assert arc.verify() == []

@@ -13,9 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from archive import Archive
 from archive.errors import NotFound
 
 DEBOUNCE = "0.2"
+SLOW = "0.6"  # a second daemon's longer debounce period
 TIMEOUT = 20.0  # generous: a loaded CI machine; a pass takes a fraction of it
 IGNORED_NAMES = ("4913",)
 IGNORED_SUFFIXES = ("~", ".tmp", ".swp")
@@ -107,6 +111,38 @@ def assert_clean_histories(arc: Archive) -> None:
             if e.type == "modified":
                 assert e.sha256 != previous, f"{key} v{e.seq} repeats v{e.seq - 1}"
             previous = e.sha256 if e.type != "deleted" else None
+
+
+def assert_one_transaction(renames: list[Any]) -> None:
+    """Renamed events recorded together: consecutive positions, nothing in between. (The
+    archive gives each rename of a `rename_many` its own recorded_at, so that cannot tell.)"""
+    positions = sorted(e.position for e in renames)
+    assert positions == list(range(positions[0], positions[0] + len(positions))), positions
+
+
+@contextmanager
+def half_moves(db_url: str, old: str, new: str) -> Iterator[list[tuple[int, int]]]:
+    """While the block runs, a reader polls the live keys; yields the (old, new) counts of
+    every snapshot that had documents under both prefixes (a folder seen half moved)."""
+    seen: list[tuple[int, int]] = []
+    done = threading.Event()
+    reader = Archive(db_url)
+
+    def poll() -> None:
+        while not done.is_set():
+            keys = reader.live_keys()
+            counts = (sum(k.startswith(old) for k in keys), sum(k.startswith(new) for k in keys))
+            if all(counts):
+                seen.append(counts)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join()
+        reader.close()
 
 
 def sha(data: bytes) -> bytes:
@@ -449,44 +485,134 @@ def test_sigterm_records_pending_work(db_url, tmp_path, daemons):
 
 
 def test_two_daemons_one_archive(db_url, tmp_path, daemons):
-    """Two daemons on the same folder and a third on another folder, one archive: every
-    version once, gapless sequences, verify clean."""
+    """Two daemons on the same folder (one slower to read than the other) and a third on
+    another folder, one archive: every version once, gapless sequences, verify clean. Then
+    bursts of rewrites, the first while the writers' lock is held so that both daemons wait
+    with what they read (the quick one with older bytes, then paused while the slow one
+    commits newer ones): each file's versions stay in the order they were written, never
+    twice in a row, and end with its final bytes. A folder move is renamed once."""
     base = tmp_path / "base"
     shared, other = base / "shared", base / "other"
-    shared.mkdir(parents=True)
+    (shared / "sub").mkdir(parents=True)
     other.mkdir()
+    for name in ("s1.txt", "s2.txt", "s3.txt"):
+        (shared / "sub" / name).write_bytes(f"sub/{name}\n".encode())
     args = ("--root", base, "--debounce", DEBOUNCE)
     arc = Archive(db_url)
     arc.init()  # both daemons start on an existing archive; creating it is tested elsewhere
-    running = [
-        daemons(db_url, shared, *args),
-        daemons(db_url, shared, *args),
-        daemons(db_url, other, *args),
-    ]
+    quick = daemons(db_url, shared, *args, "--log-level", "debug")
+    slow = daemons(db_url, shared, "--root", base, "--debounce", SLOW, "--log-level", "debug")
+    running = [quick, slow, daemons(db_url, other, *args)]
     for daemon in running:
         daemon.ready()
     names = [f"doc{i:02}.txt" for i in range(12)]
+
+    def write_round(folder: Path, names: list[str], n: int) -> None:
+        for name in names:
+            (folder / name).write_bytes(f"{folder.name}/{name} round {n}\n".encode())
+
     for round_ in range(3):
         for folder in (shared, other):
-            for name in names:
-                (folder / name).write_bytes(f"{folder.name}/{name} round {round_}\n".encode())
+            write_round(folder, names, round_)
         wait_in_sync(arc, base, logs=running)
+    for folder in ("shared", "other"):
+        for name in names[2:]:
+            history = arc.history(f"{folder}/{name}")
+            assert [e.type for e in history] == ["created", "modified", "modified"], history
 
     os.rename(shared / names[0], shared / "renamed.txt")
     (shared / names[1]).unlink()
     (other / names[1]).unlink()
     wait_in_sync(arc, base, logs=running)
-
-    for daemon in running:
-        assert daemon.stop() == 0, daemon.log()
-    assert_clean_histories(arc)
-    for folder in ("shared", "other"):
-        for name in names[2:]:
-            history = arc.history(f"{folder}/{name}")
-            assert [e.type for e in history] == ["created", "modified", "modified"], history
     history = arc.history("shared/renamed.txt")
     assert [e.type for e in history] == ["created", "modified", "modified", "renamed"]
     assert [e.type for e in arc.history("shared/doc01.txt")][-1] == "deleted"
+
+    # The reported gap: a daemon that waited for the lock longer than the debounce period
+    # must not commit what it read after another daemon committed newer bytes.
+    burst = ["renamed.txt", *names[2:]]
+    with arc.store.write():  # the writers' lock: every commit waits
+        write_round(shared, burst, 3)
+        time.sleep(float(DEBOUNCE) + 0.3)  # the quick daemon reads round 3, then waits
+        write_round(shared, burst, 4)
+        time.sleep(float(SLOW) + 0.4)  # the slow one reads round 4, then waits too
+        quick.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.5)  # SQLite: the slow daemon commits first (PostgreSQL: the quick one)
+    finally:
+        quick.proc.send_signal(signal.SIGCONT)
+    # Rapid rewrites, paced around the two debounce periods.
+    for n, pause in enumerate((0.05, 0.3, 0.05, 0.45, 0.1, 0.3, 0.0), start=5):
+        write_round(shared, burst, n)
+        time.sleep(pause)
+    wait_in_sync(arc, base, logs=running)
+
+    os.rename(shared / "sub", shared / "moved")
+    wait_in_sync(arc, base, logs=running)
+
+    for daemon in running:
+        assert daemon.stop() == 0, daemon.log()
+    assert archive_state(arc) == disk_state(base)
+    assert_clean_histories(arc)
+    assert "conflict shared/" in quick.log() + slow.log()
+    for name in burst:
+        # Content versions (a rename keeps the content it moves).
+        versions = [v for v in arc.versions(f"shared/{name}") if v.event.type != "renamed"]
+        assert versions[-1].data == (shared / name).read_bytes(), name
+        for a, b in pairwise(versions):
+            assert a.event.sha256 != b.event.sha256, f"{name} v{b.event.seq} repeats"
+        rounds = [int(v.data.split()[-1]) for v in versions]
+        assert rounds == sorted(set(rounds)), f"{name}: versions out of order: {rounds}"
+    moved = [arc.history(f"shared/moved/{n}") for n in ("s1.txt", "s2.txt", "s3.txt")]
+    assert [[e.type for e in h] for h in moved] == [["created", "renamed"]] * 3
+    assert_one_transaction([h[-1] for h in moved])
+    arc.close()
+
+
+def test_folder_move_is_one_transaction(db_url, tmp_path, daemons):
+    """A moved folder's documents are renamed in one transaction (a reader never sees the
+    folder half moved) and their histories follow them; where a target name is already a
+    live document, that one becomes a change of the target (and the source's deletion)
+    while the others are still renamed together."""
+    docs = tmp_path / "docs"
+    project = docs / "project"
+    (project / "deep" / "er").mkdir(parents=True)
+    inside = [f"n{i:02}.txt" for i in range(20)] + ["deep/c.txt", "deep/er/d.txt"]
+    for name in inside:
+        (project / name).write_bytes(f"{name} in the project\n".encode())
+    (project / ".hidden").write_bytes(b"never archived\n")
+    second = docs / "second"
+    second.mkdir()
+    for name in ("x.txt", "y.txt", "z.txt"):
+        (second / name).write_bytes(f"second/{name}\n".encode())
+    arc = Archive(db_url)
+    daemon = daemons(db_url, docs, "--debounce", DEBOUNCE, "--log-level", "debug").ready()
+    wait_in_sync(arc, docs, logs=[daemon])
+
+    with half_moves(db_url, "project/", "moved project/") as seen:
+        os.rename(project, docs / "moved project")
+        wait_in_sync(arc, docs, logs=[daemon])
+    assert seen == [], "a reader saw the folder half moved"
+    histories = [arc.history(f"moved project/{name}") for name in inside]
+    for name, history in zip(inside, histories, strict=True):
+        assert [e.type for e in history] == ["created", "renamed"], name
+        assert history[-1].meta == {"from": f"project/{name}"}
+        assert arc.history(f"project/{name}") == history
+    assert_one_transaction([h[-1] for h in histories])
+
+    # Another writer recorded a document where one file is going: no file there, so the
+    # daemon does not know it (and believes the name is free).
+    arc.record("target/y.txt", b"recorded by another writer\n")
+    os.rename(second, docs / "target")
+    wait_in_sync(arc, docs, logs=[daemon])
+    together = [arc.history(f"target/{name}") for name in ("x.txt", "z.txt")]
+    assert [[e.type for e in h] for h in together] == [["created", "renamed"]] * 2
+    assert_one_transaction([h[-1] for h in together])
+    assert [e.type for e in arc.history("target/y.txt")] == ["created", "modified"]
+    assert [e.type for e in arc.history("second/y.txt")] == ["created", "deleted"]
+    assert "conflict target/y.txt" in daemon.log()
+    assert daemon.stop() == 0, daemon.log()
+    assert_clean_histories(arc)
     arc.close()
 
 
