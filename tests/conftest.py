@@ -4,6 +4,7 @@ PostgreSQL database of its own (when ARCHIVE_TEST_PG_URL names a server)."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = ROOT / "seeds"
@@ -85,3 +87,39 @@ def run_cli(
         env=full_env,
         timeout=timeout,
     )
+
+
+def raw_sql(db_url: str, *statements: str, bypass: tuple[str, ...] = ()) -> None:
+    """Run statements on the database behind the archive's back, with the immutability
+    triggers of the `bypass` tables switched off for the duration (to simulate damage)."""
+    if make_url(db_url).get_backend_name() == "sqlite":
+        conn = sqlite3.connect(make_url(db_url).database, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            saved = []
+            for table in bypass:
+                saved += conn.execute(
+                    "SELECT name, sql FROM sqlite_master WHERE type='trigger' AND tbl_name=?",
+                    (table,),
+                ).fetchall()
+            for name, _ in saved:
+                conn.execute(f'DROP TRIGGER "{name}"')
+            for statement in statements:
+                conn.execute(statement)
+            for _, sql in saved:
+                conn.execute(sql)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            for table in bypass:
+                conn.exec_driver_sql(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+            for table in bypass:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE TRIGGER USER")
+    finally:
+        engine.dispose()

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import raw_sql
 from sqlalchemy import create_engine, make_url
 
 from archive import Archive, ArchiveError, BadInput, Damaged, NotFound, Version
@@ -66,42 +67,6 @@ def dialect(db_url: str) -> str:
 
 def sqlite_path(db_url: str) -> str:
     return make_url(db_url).database
-
-
-def raw_sql(db_url: str, *statements: str, bypass: tuple[str, ...] = ()) -> None:
-    """Run statements on the database behind the archive's back, with the immutability
-    triggers of the `bypass` tables switched off for the duration (to simulate damage)."""
-    if dialect(db_url) == "sqlite":
-        conn = sqlite3.connect(sqlite_path(db_url), isolation_level=None)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            saved = []
-            for table in bypass:
-                saved += conn.execute(
-                    "SELECT name, sql FROM sqlite_master WHERE type='trigger' AND tbl_name=?",
-                    (table,),
-                ).fetchall()
-            for name, _ in saved:
-                conn.execute(f'DROP TRIGGER "{name}"')
-            for statement in statements:
-                conn.execute(statement)
-            for _, sql in saved:
-                conn.execute(sql)
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        return
-    engine = create_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            for table in bypass:
-                conn.exec_driver_sql(f"ALTER TABLE {table} DISABLE TRIGGER USER")
-            for statement in statements:
-                conn.exec_driver_sql(statement)
-            for table in bypass:
-                conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE TRIGGER USER")
-    finally:
-        engine.dispose()
 
 
 def raw_rows(db_url: str, query: str) -> list[tuple]:

@@ -19,8 +19,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from sqlalchemy import create_engine, make_url
+from conftest import raw_sql, run_cli
+from sqlalchemy import make_url
 
 from archive import Archive
 
@@ -104,42 +104,6 @@ def run_env(*args: str, cwd, env: dict[str, str]) -> subprocess.CompletedProcess
         [sys.executable, "-m", "archive", *args],
         cwd=cwd, capture_output=True, env=full, timeout=120,
     )
-
-
-def raw_sql(db_url: str, *statements: str, bypass: tuple[str, ...] = ()) -> None:
-    """Change the database behind the archive's back (immutability triggers of the `bypass`
-    tables switched off meanwhile), to simulate damage."""
-    if dialect(db_url) == "sqlite":
-        conn = sqlite3.connect(make_url(db_url).database, isolation_level=None)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            saved = []
-            for table in bypass:
-                saved += conn.execute(
-                    "SELECT name, sql FROM sqlite_master WHERE type='trigger' AND tbl_name=?",
-                    (table,),
-                ).fetchall()
-            for name, _ in saved:
-                conn.execute(f'DROP TRIGGER "{name}"')
-            for statement in statements:
-                conn.execute(statement)
-            for _, sql in saved:
-                conn.execute(sql)
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        return
-    engine = create_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            for table in bypass:
-                conn.exec_driver_sql(f"ALTER TABLE {table} DISABLE TRIGGER USER")
-            for statement in statements:
-                conn.exec_driver_sql(statement)
-            for table in bypass:
-                conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE TRIGGER USER")
-    finally:
-        engine.dispose()
 
 
 def write(path: Path, data: bytes) -> Path:
