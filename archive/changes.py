@@ -11,35 +11,9 @@ from . import content, delta
 _TOKEN = re.compile(r"\s+|\w+|[^\w\s]")
 
 
-def _as_chars(a: list[str], b: list[str]) -> tuple[str, str, dict[str, str]]:
-    """Map each distinct token to one character (as diff-match-patch's line mode does)."""
-    table: dict[str, str] = {}
-    back: dict[str, str] = {}
-
-    def encode(parts: list[str]) -> str:
-        out = []
-        for part in parts:
-            char = table.get(part)
-            if char is None:
-                n = len(table) + 1
-                # Skip the surrogate range: those code points cannot stand alone in a str.
-                char = chr(n if n < 0xD800 else n + 0x800)
-                table[part] = char
-                back[char] = part
-            out.append(char)
-        return "".join(out)
-
-    return encode(a), encode(b), back
-
-
-def _token_diff(a: list[str], b: list[str]) -> list[tuple[int, list[str]]]:
-    chars_a, chars_b, back = _as_chars(a, b)
-    return [(op, [back[c] for c in text]) for op, text in delta.diff(chars_a, chars_b)]
-
-
 def word_diff(old: str, new: str) -> list[tuple[int, str]]:
     """A word-level diff: whole words, runs of white space and punctuation as units."""
-    diffs = _token_diff(_TOKEN.findall(old), _TOKEN.findall(new))
+    diffs = delta.tokens_diff(_TOKEN.findall(old), _TOKEN.findall(new))
     return _merge(_factor(_merge([(op, "".join(parts)) for op, parts in diffs])))
 
 
@@ -76,7 +50,7 @@ def _factor(diffs: list[tuple[int, str]]) -> list[tuple[int, str]]:
 
 def line_diff(old: str, new: str) -> list[tuple[int, list[str]]]:
     """A line-level diff, each entry the lines of one operation."""
-    return _token_diff(old.splitlines(keepends=True), new.splitlines(keepends=True))
+    return delta.tokens_diff(old.splitlines(keepends=True), new.splitlines(keepends=True))
 
 
 def _merge(diffs: list[tuple[int, str]]) -> list[tuple[int, str]]:
