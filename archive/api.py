@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,6 @@ class _DocState:
     content_id: int | None
     is_new: bool = False
     dirty: bool = False
-    names: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -688,7 +687,8 @@ class _BatchWriter:
         self.contents_by_id: dict[int, _ContentState] = {}
         self.new_contents: list[dict] = []
         self.new_events: list[dict] = []
-        self.pending: dict[int, list[tuple[int, int, int, int | None]]] = {}
+        # Events of this batch per document: (seq, effective_at, content id or None).
+        self.pending: dict[int, list[tuple[int, int, int | None]]] = {}
         self.fresh: dict[int, Rebuilt] = {}
         self._prefetch()
         results = [self._one(v, h) for v, h in zip(self.batch, self.hashes, strict=True)]
@@ -740,7 +740,7 @@ class _BatchWriter:
             if r is not None:
                 deleted = r.type == TYPE_CODES[DELETED]
                 best = (r.effective_at, r.seq, None if deleted else r.content_id)
-        for seq, eff, _type, cid in self.pending.get(doc.id, []):
+        for seq, eff, cid in self.pending.get(doc.id, []):
             if eff <= at and (best is None or (eff, seq) > best[:2]):
                 best = (eff, seq, cid)
         return best[2] if best is not None else None
@@ -773,7 +773,6 @@ class _BatchWriter:
 
     def _new_doc(self, key: str) -> _DocState:
         doc = _DocState(self.next_doc, key, 0, GENESIS, -(2**62), None, is_new=True, dirty=True)
-        doc.names.add(key)
         self.next_doc += 1
         self.docs[key] = doc
         return doc
@@ -833,7 +832,7 @@ class _BatchWriter:
         event_hash = hash_event(doc.head_hash, **fields)
         content_id = state.id if state else None
         self.new_events.append(_event_row(fields, content_id, event_hash))
-        self.pending.setdefault(doc.id, []).append((doc.seq + 1, at, 0, content_id))
+        self.pending.setdefault(doc.id, []).append((doc.seq + 1, at, content_id))
         self.position += 1
         doc.seq += 1
         doc.head_hash = event_hash
