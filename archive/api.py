@@ -12,6 +12,7 @@ Times may be given as stored microseconds (int), `datetime`, or text in any form
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, text
+from sqlalchemy import Connection, func, select, text
 
 from . import content, delta, timeparse
 from .errors import BadInput, NotFound
@@ -34,8 +35,8 @@ from .events import (
     Event,
     hash_event,
 )
-from .replay import ContentCache, Rebuilt, load
-from .store import Store, contents, doc_names, documents, events
+from .replay import ContentCache, Rebuilt, load, load_one
+from .store import Cursor, Store, contents, doc_names, documents, events
 
 TimeLike = int | str | datetime
 
@@ -126,20 +127,55 @@ _EVENT_COLUMNS = """
 
 
 def _event(row: Any) -> Event:
+    """An Event from a row of _EVENT_COLUMNS (a SQLAlchemy row or a DB-API tuple)."""
+    meta, sha = row[9], row[11]
     return Event(
-        position=row.position,
-        doc_id=row.doc_id,
-        seq=row.seq,
-        type=TYPES[row.type],
-        key=row.key,
-        sha256=bytes(row.sha256) if row.sha256 is not None else None,
-        size=row.size,
-        recorded_at=row.recorded_at,
-        effective_at=row.effective_at,
-        event_hash=bytes(row.event_hash),
-        meta=json.loads(row.meta) if row.meta else None,
-        content_id=row.content_id,
+        position=row[0],
+        doc_id=row[1],
+        seq=row[2],
+        type=TYPES[row[3]],
+        key=row[4],
+        sha256=bytes(sha) if sha is not None else None,
+        size=row[6],
+        recorded_at=row[7],
+        effective_at=row[8],
+        event_hash=bytes(row[10]),
+        meta=json.loads(meta) if meta else None,
+        content_id=row[5],
     )
+
+
+# The document a key names: its current holder, else the latest document that had the name.
+_DOC_OF_KEY = (
+    "(SELECT coalesce((SELECT id FROM documents WHERE key = :key),"
+    " (SELECT max(doc_id) FROM doc_names WHERE key = :key)))"
+)
+_SELECT_EVENTS = (
+    f"SELECT {_EVENT_COLUMNS} FROM events e LEFT JOIN contents c ON c.id = e.content_id "
+)
+# Hot-path reads, one statement each (driver level: see Store.snapshot).
+_HOT_AT = {
+    known: _SELECT_EVENTS
+    + f"WHERE e.doc_id = {_DOC_OF_KEY} AND e.effective_at <= :at"
+    + (" AND e.recorded_at <= :known" if known else "")
+    + " ORDER BY e.effective_at DESC, e.seq DESC LIMIT 1"
+    for known in (False, True)
+}
+_HOT_VERSION = {
+    known: _SELECT_EVENTS
+    + f"WHERE e.doc_id = {_DOC_OF_KEY} AND e.seq = :seq"
+    + (" AND e.recorded_at <= :known" if known else "")
+    for known in (False, True)
+}
+_HOT_TIMELINE = {
+    known: _SELECT_EVENTS
+    + "WHERE e.doc_id = :doc"
+    + (" AND e.recorded_at <= :known" if known else "")
+    + " ORDER BY e.effective_at, e.seq"
+    for known in (False, True)
+}
+_HOT_DOC = f"SELECT {_DOC_OF_KEY}"
+_LATEST = 2**62  # "now": later than any stored time
 
 
 class Archive:
@@ -228,7 +264,7 @@ class Archive:
         def unit(conn: Connection) -> list[Recorded]:
             # One clock reading for the whole move: every rename of it shares recorded_at, so
             # no "known at" query can see the folder half moved.
-            now, recorded_at, position = _clock(conn)
+            now, recorded_at, position, _, _ = _clock(self.store.cursor(conn))
             results = []
             for old, new in checked:
                 result = _rename(conn, old, new, effective, now, recorded_at, position)
@@ -331,32 +367,43 @@ class Archive:
         if at is not None and version is not None:
             raise BadInput("give either a time or a version number, not both")
         at_us, known = to_us(at), to_us(known_at)
-        with self.store.read() as conn:
-            doc_id = self._resolve(conn, key)
-            found = self.event_at(conn, doc_id, at=at_us, version=version, known_at=known)
-            if found is None:
+        with self.store.snapshot() as cur:
+            params: dict[str, Any] = {"key": key}
+            if known is not None:
+                params["known"] = known
+            if version is not None:
+                params["seq"] = version
+                row = cur.execute(_HOT_VERSION[known is not None], params).fetchone()
+            else:
+                params["at"] = at_us if at_us is not None else _LATEST
+                row = cur.execute(_HOT_AT[known is not None], params).fetchone()
+            if row is None:
+                if cur.execute(_HOT_DOC, {"key": key}).fetchone()[0] is None:
+                    raise NotFound(f"no document {key!r} in the archive")
                 if version is not None:
                     raise NotFound(f"{key!r} has no version {version}")
                 when = f" at {timeparse.show(at_us)}" if at_us is not None else ""
                 raise NotFound(f"{key!r} did not exist{when}")
+            found = _event(row)
             if found.type == DELETED:
                 if version is not None:
                     raise NotFound(f"version {version} of {key!r} is its deletion")
                 raise NotFound(
                     f"{key!r} was deleted at {timeparse.show(found.effective_at)}"
                 )
-            return Snapshot(found, self._content(conn, [found])[found.position].data)
+            assert found.content_id is not None
+            return Snapshot(found, load_one(cur, found.content_id, self.cache).data)
 
     @contextmanager
     def reader(self, *, known_at: TimeLike | None = None) -> Iterator[Reader]:
         """Many point-in-time reads in one snapshot (what `show --batch` uses)."""
-        with self.store.read() as conn:
-            yield Reader(self, conn, to_us(known_at))
+        with self.store.snapshot() as cur:
+            yield Reader(self, cur, to_us(known_at))
 
     def _content(self, conn: Connection, found: Sequence[Event]) -> dict[int, Rebuilt]:
         """Rebuilt content per event position, for events that carry content."""
         ids = {ev.position: ev.content_id for ev in found if ev.content_id is not None}
-        rebuilt = load(conn, ids.values(), self.cache)
+        rebuilt = load(self.store.cursor(conn), ids.values(), self.cache)
         return {pos: rebuilt[cid] for pos, cid in ids.items()}
 
     def versions(self, key: str, *, known_at: TimeLike | None = None) -> list[Snapshot]:
@@ -428,21 +475,23 @@ class Archive:
     def _corpus(
         self, conn: Connection, at_us: int | None, known: int | None
     ) -> tuple[int, list[Event]]:
-        conds, params = ["1=1"], {}
+        conds, params = ["x.doc_id = d.id"], {}
         if at_us is not None:
-            conds.append("effective_at <= :at")
+            conds.append("x.effective_at <= :at")
             params["at"] = at_us
         if known is not None:
-            conds.append("recorded_at <= :known")
+            conds.append("x.recorded_at <= :known")
             params["known"] = known
         where = " AND ".join(conds)
+        # Per document, one index seek for the event in effect: cost grows with documents,
+        # not with the length of their histories.
         sql = f"""
-            SELECT {_EVENT_COLUMNS} FROM (
-                SELECT *, ROW_NUMBER() OVER (
-                    PARTITION BY doc_id ORDER BY effective_at DESC, seq DESC) AS rn
-                FROM events WHERE {where}
-            ) e LEFT JOIN contents c ON c.id = e.content_id
-            WHERE e.rn = 1 AND e.type != :deleted ORDER BY e.key
+            SELECT {_EVENT_COLUMNS} FROM documents d
+            JOIN events e ON e.position = (
+                SELECT x.position FROM events x WHERE {where}
+                ORDER BY x.effective_at DESC, x.seq DESC LIMIT 1)
+            LEFT JOIN contents c ON c.id = e.content_id
+            WHERE e.type != :deleted ORDER BY e.key
         """
         params["deleted"] = TYPE_CODES[DELETED]
         rows = [_event(r) for r in conn.execute(text(sql), params)]
@@ -455,7 +504,8 @@ class Archive:
     def read_contents(self, content_ids: Sequence[int]) -> dict[int, bytes]:
         """Verified bytes for content ids (as returned by `corpus`)."""
         with self.store.read() as conn:
-            return {cid: r.data for cid, r in load(conn, content_ids, self.cache).items()}
+            cur = self.store.cursor(conn)
+            return {cid: r.data for cid, r in load(cur, content_ids, self.cache).items()}
 
     def log(
         self,
@@ -543,28 +593,52 @@ class Archive:
 
 
 class Reader:
-    """Point-in-time reads inside one read transaction, documents resolved once each."""
+    """Point-in-time reads inside one snapshot. Each document's timeline (its events in
+    effective-time order) is read once, then every read is a binary search and a cache
+    lookup; the snapshot cannot change under it."""
 
-    def __init__(self, arc: Archive, conn: Connection, known_at: int | None):
-        self.arc, self.conn, self.known_at = arc, conn, known_at
-        self._docs: dict[str, int | None] = {}
+    TIMELINE_ROWS = 2_000_000  # events kept in memory before the timelines are dropped
+
+    def __init__(self, arc: Archive, cur: Cursor, known_at: int | None):
+        self.arc, self.cur, self.known_at = arc, cur, known_at
+        self._timelines: dict[str, tuple[list[int], list[Any]] | None] = {}
+        self._rows = 0
+
+    def _timeline(self, key: str) -> tuple[list[int], list[Any]] | None:
+        if key in self._timelines:
+            return self._timelines[key]
+        doc_id = self.cur.execute(_HOT_DOC, {"key": key}).fetchone()[0]
+        timeline = None
+        if doc_id is not None:
+            params = {"doc": doc_id, "known": self.known_at}
+            rows: list[Any] = self.cur.execute(
+                _HOT_TIMELINE[self.known_at is not None], params
+            ).fetchall()
+            timeline = ([r[8] for r in rows], rows)
+            self._rows += len(rows)
+            if self._rows > self.TIMELINE_ROWS:
+                self._timelines.clear()
+                self._rows = len(rows)
+        self._timelines[key] = timeline
+        return timeline
 
     def at(self, key: str, at: TimeLike | None) -> Snapshot | None:
         """The version of `key` in effect at `at`, or None where it did not exist."""
-        doc_id = self._docs.get(key, 0)
-        if doc_id == 0:
-            try:
-                doc_id = self.arc._resolve(self.conn, key)
-            except NotFound:
-                doc_id = None
-            self._docs[key] = doc_id
-        if doc_id is None:
+        timeline = self._timeline(key)
+        if timeline is None:
             return None
-        found = self.arc.event_at(self.conn, doc_id, at=to_us(at), known_at=self.known_at)
-        if found is None or found.content_id is None:
+        at_us = to_us(at)
+        times, rows = timeline
+        # Rows are in (effective_at, seq) order: the last one at or before `at` is in effect.
+        index = bisect_right(times, at_us if at_us is not None else _LATEST) - 1
+        if index < 0:
             return None
-        data = load(self.conn, [found.content_id], self.arc.cache)[found.content_id].data
-        return Snapshot(found, data)
+        found = rows[index]
+        if not isinstance(found, Event):
+            found = rows[index] = _event(found)  # built once per version read
+        if found.content_id is None:  # a deletion
+            return None
+        return Snapshot(found, load_one(self.cur, found.content_id, self.arc.cache).data)
 
 
 def _rename(
@@ -621,16 +695,21 @@ def _rename(
     return Recorded(new, RENAMED, Event(event_hash=event_hash, content_id=row.content_id, **fields))
 
 
-def _clock(conn: Connection) -> tuple[int, int, int]:
-    """(now, recorded_at, next position) under the writers' lock. recorded_at never goes
-    backwards along positions, so "known at T" is a prefix of the global stream."""
+_CLOCK = (
+    "SELECT (SELECT max(position) FROM events),"
+    " (SELECT recorded_at FROM events ORDER BY position DESC LIMIT 1),"
+    " (SELECT max(id) FROM documents), (SELECT max(id) FROM contents)"
+)
+
+
+def _clock(cur: Cursor) -> tuple[int, int, int, int, int]:
+    """(now, recorded_at, next position, next document id, next content id) under the
+    writers' lock, in one statement. recorded_at never goes backwards along positions, so
+    "known at T" is a prefix of the global stream."""
     now = timeparse.now_us()
-    last = conn.execute(
-        text("SELECT position, recorded_at FROM events ORDER BY position DESC LIMIT 1")
-    ).first()
-    if last is None:
-        return now, now, 1
-    return now, max(now, last.recorded_at), last.position + 1
+    position, last_recorded, doc_id, content_id = cur.execute(_CLOCK).fetchone()
+    recorded_at = now if last_recorded is None else max(now, last_recorded)
+    return now, recorded_at, (position or 0) + 1, (doc_id or 0) + 1, (content_id or 0) + 1
 
 
 def _event_row(fields: dict[str, Any], content_id: int | None, event_hash: bytes) -> dict:
@@ -649,19 +728,30 @@ def _event_row(fields: dict[str, Any], content_id: int | None, event_hash: bytes
     }
 
 
-_DOCS_BY_KEY = text(
-    "SELECT d.id, d.key, d.seq, d.head_hash, d.eff_at, d.content_id FROM documents d "
-    "WHERE d.key IN :keys"
-).bindparams(bindparam("keys", expanding=True))
-_CONTENTS_BY_HASH = text(
-    "SELECT id, sha256, size, depth FROM contents WHERE sha256 IN :hashes"
-).bindparams(bindparam("hashes", expanding=True))
-_CONTENTS_BY_ID = text(
-    "SELECT id, sha256, size, depth FROM contents WHERE id IN :ids"
-).bindparams(bindparam("ids", expanding=True))
-_IN_EFFECT = text(
+_DOCS_BY_KEY = "SELECT id, key, seq, head_hash, eff_at, content_id FROM documents WHERE key IN "
+_CONTENTS_BY_HASH = "SELECT id, sha256, size, depth FROM contents WHERE sha256 IN "
+_CONTENTS_BY_ID = "SELECT id, sha256, size, depth FROM contents WHERE id IN "
+_IN_EFFECT = (
     "SELECT seq, effective_at, type, content_id FROM events "
     "WHERE doc_id = :doc AND effective_at <= :at ORDER BY effective_at DESC, seq DESC LIMIT 1"
+)
+_INSERT_CONTENT = (
+    "INSERT INTO contents (id, sha256, size, base_id, depth, codec, data)"
+    " VALUES (:id, :sha256, :size, :base_id, :depth, :codec, :data)"
+)
+_INSERT_DOCUMENT = (
+    "INSERT INTO documents (id, key, seq, head_hash, eff_at, content_id)"
+    " VALUES (:id, :key, :seq, :head_hash, :eff_at, :content_id)"
+)
+_INSERT_NAME = "INSERT INTO doc_names (key, doc_id) VALUES (:key, :id)"
+_UPDATE_DOCUMENT = (
+    "UPDATE documents SET seq = :seq, head_hash = :head_hash, eff_at = :eff_at,"
+    " content_id = :content_id WHERE id = :id"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (position, doc_id, seq, type, key, content_id, size, recorded_at,"
+    " effective_at, meta, event_hash) VALUES (:position, :doc_id, :seq, :type, :key,"
+    " :content_id, :size, :recorded_at, :effective_at, :meta, :event_hash)"
 )
 
 
@@ -678,10 +768,9 @@ class _BatchWriter:
         self.hashes = [content.sha256(bytes(v.data)) if v.data is not None else None for v in batch]
 
     def run(self, conn: Connection) -> list[Recorded]:
-        self.conn = conn
-        self.now, self.recorded_at, self.position = _clock(conn)
-        self.next_doc = (conn.execute(select(func.max(documents.c.id))).scalar() or 0) + 1
-        self.next_content = (conn.execute(select(func.max(contents.c.id))).scalar() or 0) + 1
+        # Driver level: SQLAlchemy's per-statement cost would be most of a one-version write.
+        self.cur = cur = self.arc.store.cursor(conn)
+        self.now, self.recorded_at, self.position, self.next_doc, self.next_content = _clock(cur)
         self.docs: dict[str, _DocState] = {}
         self.contents: dict[bytes, _ContentState] = {}
         self.contents_by_id: dict[int, _ContentState] = {}
@@ -703,30 +792,29 @@ class _BatchWriter:
 
     def _prefetch(self) -> None:
         keys = list({v.key for v in self.batch})
-        for start in range(0, len(keys), 500):
-            for r in self.conn.execute(_DOCS_BY_KEY, {"keys": keys[start : start + 500]}):
-                self.docs[r.key] = _DocState(
-                    r.id, r.key, r.seq, bytes(r.head_hash), r.eff_at, r.content_id
-                )
-        hashes = list({h for h in self.hashes if h is not None})
-        for start in range(0, len(hashes), 500):
-            chunk = hashes[start : start + 500]
-            for r in self.conn.execute(_CONTENTS_BY_HASH, {"hashes": chunk}):
-                self._known_content(r)
+        for r in self._select_in(_DOCS_BY_KEY, keys):
+            self.docs[r[1]] = _DocState(r[0], r[1], r[2], bytes(r[3]), r[4], r[5])
+        for r in self._select_in(_CONTENTS_BY_HASH, list({h for h in self.hashes if h})):
+            self._known_content(r)
         heads = [d.content_id for d in self.docs.values() if d.content_id is not None]
-        for start in range(0, len(heads), 500):
-            for r in self.conn.execute(_CONTENTS_BY_ID, {"ids": heads[start : start + 500]}):
-                self._known_content(r)
+        for r in self._select_in(_CONTENTS_BY_ID, heads):
+            self._known_content(r)
+
+    def _select_in(self, sql: str, values: list[Any]) -> Iterator[Any]:
+        for start in range(0, len(values), 500):
+            fragment, params = Cursor.in_list("v", values[start : start + 500])
+            yield from self.cur.execute(sql + fragment, params).fetchall()
 
     def _known_content(self, r: Any) -> None:
-        state = _ContentState(r.id, bytes(r.sha256), r.size, r.depth)
+        state = _ContentState(r[0], bytes(r[1]), r[2], r[3])
         self.contents[state.sha256] = state
         self.contents_by_id[state.id] = state
 
     def _content_by_id(self, content_id: int) -> _ContentState:
         state = self.contents_by_id.get(content_id)
         if state is None:
-            self._known_content(self.conn.execute(_CONTENTS_BY_ID, {"ids": [content_id]}).one())
+            for r in self._select_in(_CONTENTS_BY_ID, [content_id]):
+                self._known_content(r)
             state = self.contents_by_id[content_id]
         return state
 
@@ -736,10 +824,11 @@ class _BatchWriter:
             return doc.content_id
         best: tuple[int, int, int | None] | None = None  # (effective_at, seq, content id)
         if not doc.is_new:
-            r = self.conn.execute(_IN_EFFECT, {"doc": doc.id, "at": at}).first()
+            r = self.cur.execute(_IN_EFFECT, {"doc": doc.id, "at": at}).fetchone()
             if r is not None:
-                deleted = r.type == TYPE_CODES[DELETED]
-                best = (r.effective_at, r.seq, None if deleted else r.content_id)
+                seq, effective_at, type_, content_id = r
+                deleted = type_ == TYPE_CODES[DELETED]
+                best = (effective_at, seq, None if deleted else content_id)
         for seq, eff, cid in self.pending.get(doc.id, []):
             if eff <= at and (best is None or (eff, seq) > best[:2]):
                 best = (eff, seq, cid)
@@ -799,7 +888,7 @@ class _BatchWriter:
         base_state = self._content_by_id(base_id)
         if base_state.depth + 1 > self.arc.keyframe_interval:
             return None
-        base = self.fresh.get(base_id) or load(self.conn, [base_id], self.arc.cache)[base_id]
+        base = self.fresh.get(base_id) or load_one(self.cur, base_id, self.arc.cache)
         if base.text is None:
             return None
         payload = delta.make(base.text, new_text).encode("utf-8")
@@ -845,49 +934,36 @@ class _BatchWriter:
     # -- writing -------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        conn = self.conn
+        cur = self.cur
         if self.new_contents:
-            conn.execute(contents.insert(), self.new_contents)
-        new_docs = [d for d in self.docs.values() if d.is_new]
+            cur.executemany(_INSERT_CONTENT, self.new_contents)
+        new_docs = [
+            {
+                "id": d.id,
+                "key": d.key,
+                "seq": d.seq,
+                "head_hash": d.head_hash,
+                "eff_at": d.eff_at,
+                "content_id": d.content_id,
+            }
+            for d in self.docs.values()
+            if d.is_new
+        ]
         if new_docs:
-            conn.execute(
-                documents.insert(),
-                [
-                    {
-                        "id": d.id,
-                        "key": d.key,
-                        "seq": d.seq,
-                        "head_hash": d.head_hash,
-                        "eff_at": d.eff_at,
-                        "content_id": d.content_id,
-                    }
-                    for d in new_docs
-                ],
-            )
-            conn.execute(
-                doc_names.insert(), [{"key": d.key, "doc_id": d.id} for d in new_docs]
-            )
-        changed = [d for d in self.docs.values() if d.dirty and not d.is_new]
+            cur.executemany(_INSERT_DOCUMENT, new_docs)
+            cur.executemany(_INSERT_NAME, new_docs)
+        changed = [
+            {
+                "id": d.id,
+                "seq": d.seq,
+                "head_hash": d.head_hash,
+                "eff_at": d.eff_at,
+                "content_id": d.content_id,
+            }
+            for d in self.docs.values()
+            if d.dirty and not d.is_new
+        ]
         if changed:
-            conn.execute(
-                documents.update()
-                .where(documents.c.id == bindparam("doc_id"))
-                .values(
-                    seq=bindparam("seq"),
-                    head_hash=bindparam("head_hash"),
-                    eff_at=bindparam("eff_at"),
-                    content_id=bindparam("cid"),
-                ),
-                [
-                    {
-                        "doc_id": d.id,
-                        "seq": d.seq,
-                        "head_hash": d.head_hash,
-                        "eff_at": d.eff_at,
-                        "cid": d.content_id,
-                    }
-                    for d in changed
-                ],
-            )
+            cur.executemany(_UPDATE_DOCUMENT, changed)
         if self.new_events:
-            conn.execute(events.insert(), self.new_events)
+            cur.executemany(_INSERT_EVENT, self.new_events)

@@ -8,14 +8,15 @@ is hashed before it is returned or cached, so a wrong base or a damaged blob fai
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from sqlalchemy import Connection, bindparam, text
+from typing import Any
 
 from . import content, delta
 from .errors import Damaged
+from .store import Cursor
 
 
 @dataclass(slots=True)
@@ -58,21 +59,23 @@ class ContentCache:
         self.used = 0
 
 
-_CHAIN = text(
-    """
+_CHAIN = """
     WITH RECURSIVE chain(id) AS (
-        SELECT id FROM contents WHERE id IN :ids
+        SELECT id FROM contents WHERE id IN {ids}
         UNION
         SELECT c.base_id FROM contents c JOIN chain ON c.id = chain.id
         WHERE c.base_id IS NOT NULL
     )
     SELECT c.id, c.sha256, c.size, c.base_id, c.codec, c.data
     FROM contents c WHERE c.id IN (SELECT id FROM chain)
-    """
-).bindparams(bindparam("ids", expanding=True))
+"""
+_CHAIN_ONE = _CHAIN.replace("IN {ids}", "= :id")
+
+# Columns of a chain row.
+_ID, _SHA, _SIZE, _BASE, _CODEC, _DATA = range(6)
 
 
-def load(conn: Connection, ids: Iterable[int], cache: ContentCache) -> dict[int, Rebuilt]:
+def load(cur: Cursor, ids: Iterable[int], cache: ContentCache) -> dict[int, Rebuilt]:
     """The verified contents of `ids`, rebuilt with as few queries as the cache allows."""
     wanted = list(dict.fromkeys(ids))
     found: dict[int, Rebuilt] = {}
@@ -85,16 +88,40 @@ def load(conn: Connection, ids: Iterable[int], cache: ContentCache) -> dict[int,
             found[content_id] = hit
     for start in range(0, len(missing), 500):
         chunk = missing[start : start + 500]
-        rows = {row.id: row for row in conn.execute(_CHAIN, {"ids": chunk})}
+        if len(chunk) == 1:
+            rows_ = cur.execute(_CHAIN_ONE, {"id": chunk[0]}).fetchall()
+        else:
+            fragment, params = Cursor.in_list("i", chunk)
+            rows_ = cur.execute(_CHAIN.format(ids=fragment), params).fetchall()
+        rows = {row[_ID]: row for row in rows_}
         for content_id in chunk:
             found[content_id] = _rebuild(content_id, rows, cache)
     return found
 
 
-def _rebuild(content_id: int, rows: dict, cache: ContentCache) -> Rebuilt:
-    # Walk down to the nearest cached ancestor or keyframe, then apply deltas upwards. Every
-    # step is verified (size and SHA-256) and cached, so neighbouring versions read next find
-    # a verified ancestor close by.
+def load_one(cur: Cursor, content_id: int, cache: ContentCache) -> Rebuilt:
+    hit = cache.get(content_id)
+    if hit is not None:
+        return hit
+    rows = {row[_ID]: row for row in cur.execute(_CHAIN_ONE, {"id": content_id}).fetchall()}
+    return _rebuild(content_id, rows, cache)
+
+
+def rebuild_row(cur: Cursor, row: Any, cache: ContentCache) -> Rebuilt:
+    """Rebuild and check one content from its own row (id, sha256, size, base_id, codec,
+    data), its base taken from the cache or loaded: a walk over every content in order reads
+    each row once (what verify does)."""
+    base_id = row[_BASE]
+    if base_id is not None and cache.get(base_id) is None:
+        return load_one(cur, row[_ID], cache)  # the whole chain from storage
+    return _rebuild(row[_ID], {row[_ID]: row}, cache)
+
+
+def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> Rebuilt:
+    # Walk down to the nearest cached ancestor or keyframe, then apply the deltas upwards in
+    # one pass (staying in UTF-16, see delta.apply_chain) and check the result's size and
+    # SHA-256. Only on a mismatch is the chain replayed step by step, to name the content
+    # that is damaged.
     chain = []
     current: int | None = content_id
     base: Rebuilt | None = None
@@ -105,35 +132,60 @@ def _rebuild(content_id: int, rows: dict, cache: ContentCache) -> Rebuilt:
         row = rows.get(current)
         if row is None:
             raise Damaged(f"content {content_id}: its delta chain is broken at content {current}")
-        if row.base_id is None:
+        if row[_BASE] is None:
             base = _keyframe(row)
-            cache.put(row.id, base)
+            cache.put(row[_ID], base)
             break
         chain.append(row)
-        current = row.base_id
+        current = row[_BASE]
     assert base is not None
-    for row in reversed(chain):
+    if not chain:
+        return base
+    chain.reverse()
+    if base.text is None:
+        raise Damaged(f"content {chain[0][_ID]}: delta against a base that is not text")
+    try:
+        steps = [content.unpack(row[_CODEC], row[_DATA]).decode("utf-8") for row in chain]
+        text_ = delta.apply_chain(base.text, steps)
+    except (ValueError, UnicodeDecodeError, zlib.error):
+        text_ = None
+    if text_ is not None:
+        data = text_.encode("utf-8")
+        top = chain[-1]
+        if len(data) == top[_SIZE] and content.sha256(data) == bytes(top[_SHA]):
+            rebuilt = Rebuilt(data, text_)
+            cache.put(top[_ID], rebuilt)
+            return rebuilt
+    return _rebuild_stepwise(base, chain, cache)
+
+
+def _rebuild_stepwise(base: Rebuilt, chain: list[Any], cache: ContentCache) -> Rebuilt:
+    """Each delta applied and checked on its own: raises Damaged naming the first bad one."""
+    for row in chain:
         if base.text is None:
-            raise Damaged(f"content {row.id}: delta against a base that is not text")
+            raise Damaged(f"content {row[_ID]}: delta against a base that is not text")
         try:
-            step = content.unpack(row.codec, row.data).decode("utf-8")
+            step = content.unpack(row[_CODEC], row[_DATA]).decode("utf-8")
             text_ = delta.apply_chain(base.text, [step])
-        except (ValueError, UnicodeDecodeError) as error:
-            raise Damaged(f"content {row.id}: delta does not apply: {error}") from None
+        except (ValueError, UnicodeDecodeError, zlib.error) as error:
+            raise Damaged(f"content {row[_ID]}: delta does not apply: {error}") from None
         base = Rebuilt(text_.encode("utf-8"), text_)
         _check(row, base.data)
-        cache.put(row.id, base)
+        cache.put(row[_ID], base)
     return base
 
 
-def _keyframe(row) -> Rebuilt:
-    data = content.unpack(row.codec, row.data)
+def _keyframe(row: Any) -> Rebuilt:
+    try:
+        data = content.unpack(row[_CODEC], row[_DATA])
+    except (ValueError, zlib.error) as error:
+        raise Damaged(f"content {row[_ID]}: stored blob cannot be read: {error}") from None
     _check(row, data)
     return Rebuilt(data, content.as_text(data))
 
 
-def _check(row, data: bytes) -> None:
-    if len(data) != row.size or content.sha256(data) != bytes(row.sha256):
+def _check(row: Any, data: bytes) -> None:
+    if len(data) != row[_SIZE] or content.sha256(data) != bytes(row[_SHA]):
         raise Damaged(
-            f"content {row.id}: rebuilt bytes do not match SHA-256 {bytes(row.sha256).hex()}"
+            f"content {row[_ID]}: rebuilt bytes do not match SHA-256 {bytes(row[_SHA]).hex()}"
         )

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -147,6 +149,10 @@ class Store:
         else:
             self.engine = create_engine(self.url, pool_pre_ping=True)
         self._schema_checked = False
+        # Per-thread DB-API connections kept open for `snapshot` (hot reads).
+        self._local = threading.local()
+        self._held: list[Any] = []
+        self._held_lock = threading.Lock()
 
     # -- engines -------------------------------------------------------------------------
 
@@ -179,6 +185,12 @@ class Store:
         return engine
 
     def dispose(self) -> None:
+        with self._held_lock:
+            held, self._held = self._held, []
+        for raw in held:
+            with suppress(Exception):  # a broken connection is being thrown away anyway
+                raw.close()  # back to the pool, which dispose then closes
+        self._local = threading.local()
         self.engine.dispose()
 
     # -- transactions ----------------------------------------------------------------------
@@ -222,6 +234,66 @@ class Store:
                 if self.dialect == "postgresql":
                     conn.exec_driver_sql("LOCK TABLE events IN EXCLUSIVE MODE")
                 yield conn
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Cursor]:
+        """A driver-level cursor in a read snapshot, for hot paths (point-in-time reads,
+        `show --batch`, export): SQLAlchemy costs about 50 µs per statement, which is more
+        than a whole indexed read. The connection stays open per thread between calls."""
+        self.ensure_schema()
+        raw = getattr(self._local, "raw", None)
+        if raw is None:
+            with self._translated():
+                raw = self.engine.raw_connection()
+            if self.dialect == "postgresql":
+                from psycopg import IsolationLevel
+
+                raw.driver_connection.isolation_level = IsolationLevel.REPEATABLE_READ
+            self._local.raw = raw
+            with self._held_lock:
+                self._held.append(raw)
+        cursor = raw.cursor()
+        try:
+            with self._translated_driver():
+                if self.dialect == "sqlite":
+                    cursor.execute("BEGIN")
+                yield Cursor(cursor, self.dialect)
+        except BaseException:
+            self._end(raw, cursor, commit=False)
+            raise
+        self._end(raw, cursor, commit=True)
+
+    def _end(self, raw: Any, cursor: Any, *, commit: bool) -> None:
+        try:
+            if self.dialect == "sqlite":
+                cursor.execute("COMMIT" if commit else "ROLLBACK")
+            else:
+                raw.commit() if commit else raw.rollback()
+            cursor.close()
+        except Exception:  # a connection that cannot end its read is replaced
+            self._local.raw = None
+            with self._held_lock:
+                if raw in self._held:
+                    self._held.remove(raw)
+            with suppress(Exception):
+                raw.invalidate()
+
+    def cursor(self, conn: Connection) -> Cursor:
+        """The driver-level cursor under a SQLAlchemy connection, in its transaction."""
+        return Cursor(conn.connection.cursor(), self.dialect)
+
+    @contextmanager
+    def _translated_driver(self) -> Iterator[None]:
+        """Driver errors raised outside SQLAlchemy, as the archive's own."""
+        dbapi = self.engine.dialect.dbapi
+        try:
+            yield
+        except ArchiveError:
+            raise
+        except dbapi.Error as error:
+            wrapped = exc.DBAPIError.instance(None, None, error, dbapi.Error)
+            with self._translated():
+                raise wrapped from error
 
     def run_write(self, unit: Callable[[Connection], T], *, attempts: int = 8) -> T:
         """Run `unit` in a write transaction, retrying the whole unit after a lost race."""
@@ -301,6 +373,45 @@ class Store:
                     config = alembic_config()
                     config.attributes["connection"] = conn
                     command.upgrade(config, "head")
+
+
+_PLACEHOLDER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+class Cursor:
+    """A DB-API cursor that takes the archive's `:name` placeholders on either engine, so
+    hot-path SQL is written once (PostgreSQL's driver wants `%(name)s`)."""
+
+    __slots__ = ("_pg", "raw")
+    _converted: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, raw: Any, dialect: str):
+        self.raw = raw
+        self._pg = dialect == "postgresql"
+
+    def execute(self, sql: str, params: dict[str, Any] | None = None) -> Any:
+        if self._pg:
+            sql = self._convert(sql)
+        self.raw.execute(sql, params or {})
+        return self.raw
+
+    def executemany(self, sql: str, rows: list[dict[str, Any]]) -> None:
+        if self._pg:
+            sql = self._convert(sql)
+        self.raw.executemany(sql, rows)
+
+    def _convert(self, sql: str) -> str:
+        converted = self._converted.get(sql)
+        if converted is None:
+            converted = _PLACEHOLDER.sub(r"%(\1)s", sql.replace("%", "%%"))
+            self._converted[sql] = converted
+        return converted
+
+    @staticmethod
+    def in_list(name: str, values: list[Any]) -> tuple[str, dict[str, Any]]:
+        """`(:name0, :name1, …)` and its parameters, for `IN` over a list."""
+        params = {f"{name}{i}": v for i, v in enumerate(values)}
+        return "(" + ", ".join(f":{p}" for p in params) + ")", params
 
 
 def _first_line(error: BaseException) -> str:

@@ -7,6 +7,7 @@ offset or `Z`, naive ISO 8601 (taken in the local zone, `TZ` respected), or a da
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from datetime import UTC, date, datetime, timedelta, tzinfo
@@ -42,14 +43,28 @@ def parse(text: str) -> int:
     if isinstance(text, datetime):
         return to_us(text)
     raw = text.strip()
-    time.tzset()  # honour a TZ set after start-up
     try:
         if _DATE_ONLY.match(raw):
             day = date.fromisoformat(raw)
+            _follow_tz()
             return to_us(datetime(day.year, day.month, day.day))
-        return to_us(datetime.fromisoformat(raw.replace("z", "Z")))
+        moment = datetime.fromisoformat(raw.replace("z", "Z"))
+        if moment.tzinfo is None:
+            _follow_tz()
+        return to_us(moment)
     except (ValueError, OverflowError):
         raise BadInput(f"cannot read time {text!r}: use {ACCEPTED}") from None
+
+
+_seen_tz: list[str | None] = [None]
+
+
+def _follow_tz() -> None:
+    """Honour a TZ changed after start-up (tzset costs more than the parse, so only then)."""
+    current = os.environ.get("TZ")
+    if current != _seen_tz[0]:
+        time.tzset()
+        _seen_tz[0] = current
 
 
 def parse_tz(name: str | None) -> tzinfo | None:

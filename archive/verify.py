@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from .errors import Damaged
 from .events import DELETED, GENESIS, TYPES, hash_event
-from .replay import ContentCache, load
+from .replay import ContentCache, rebuild_row
 
 if TYPE_CHECKING:
     from .api import Archive
@@ -27,34 +27,34 @@ def verify(arc: Archive) -> list[dict[str, Any]]:
 
 
 def _verify_contents(arc: Archive, conn, problems: list[dict[str, Any]]) -> None:
-    # A private cache: verification must rebuild from storage, not trust earlier reads.
+    # A private cache: verification must rebuild from storage, not trust earlier reads. Each
+    # content is read once, in id order, and rebuilt on its base, which was verified just
+    # before (bases precede their deltas); memory stays within the cache's budget.
     cache = ContentCache(32 << 20)
+    cur = arc.store.cursor(conn)
     after = 0
     while True:
-        rows = list(
-            conn.execute(
-                text(
-                    "SELECT c.id, c.depth, c.base_id, b.depth AS base_depth FROM contents c "
-                    "LEFT JOIN contents b ON b.id = c.base_id "
-                    "WHERE c.id > :after ORDER BY c.id LIMIT :n"
-                ),
-                {"after": after, "n": PAGE},
-            )
-        )
+        rows = cur.execute(
+            "SELECT c.id, c.sha256, c.size, c.base_id, c.codec, c.data, c.depth, b.depth "
+            "FROM contents c LEFT JOIN contents b ON b.id = c.base_id "
+            "WHERE c.id > :after ORDER BY c.id LIMIT :n",
+            {"after": after, "n": PAGE},
+        ).fetchall()
         if not rows:
             return
-        after = rows[-1].id
+        after = rows[-1][0]
         for row in rows:
-            expected = 0 if row.base_id is None else (row.base_depth or 0) + 1
+            content_id, base_id, depth, base_depth = row[0], row[3], row[6], row[7]
+            expected = 0 if base_id is None else (base_depth or 0) + 1
             # K is a writer's setting, not stored: only the chain's own consistency is checked.
-            if row.depth != expected:
+            if depth != expected:
                 problems.append(
-                    {"content": row.id, "problem": f"delta depth {row.depth} is inconsistent"}
+                    {"content": content_id, "problem": f"delta depth {depth} is inconsistent"}
                 )
             try:
-                load(conn, [row.id], cache)
+                rebuild_row(cur, row, cache)
             except Damaged as error:
-                problems += _content_users(conn, row.id, str(error))
+                problems += _content_users(conn, content_id, str(error))
 
 
 def _content_users(conn, content_id: int, problem: str) -> list[dict[str, Any]]:
