@@ -8,6 +8,7 @@ the same Python `str`, so the delta's UTF-16 lengths are computed and read by on
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote
 
 import fast_diff_match_patch
@@ -19,11 +20,13 @@ _dmp.Diff_Timeout = 0  # a time limit makes diffs depend on CPU load
 _OPS = {"=": 0, "-": -1, "+": 1}
 
 # A character diff costs O(N·D): on a 300k-character middle with many edits it took minutes.
-# Above this many code points (both sides together) the middle is diffed by lines, and only
-# replaced blocks up to REDIFF_BELOW are refined by characters. Decided by sizes alone, so the
-# same inputs always give the same delta.
+# Above CHARS_UP_TO code points (both sides together) the middle is diffed by lines; a
+# replaced block of lines is refined by words when it is at most WORDS_UP_TO (long lines:
+# paragraphs, minified pages), and a replaced block of words by characters when at most
+# CHARS_UP_TO. Decided by sizes alone, so the same inputs always give the same delta.
 CHARS_UP_TO = 4_000
-REDIFF_BELOW = 512
+WORDS_UP_TO = 64_000
+_WORDS = re.compile(r"\s+|\S+")
 
 
 def diff(old: str, new: str) -> list[tuple[int, str]]:
@@ -53,7 +56,18 @@ def diff(old: str, new: str) -> list[tuple[int, str]]:
     )
     if tail_chars:
         result.append((0, old[len(old) - tail_chars :]))
-    return result
+    return _merged(result)
+
+
+def _merged(diffs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Neighbouring operations of one kind as one (pieces diffed apart meet at the seams)."""
+    out: list[tuple[int, str]] = []
+    for op, text in diffs:
+        if out and out[-1][0] == op:
+            out[-1] = (op, out[-1][1] + text)
+        else:
+            out.append((op, text))
+    return out
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -78,25 +92,43 @@ def _chars(old: str, new: str) -> list[tuple[int, str]]:
 def _middle(old: str, new: str) -> list[tuple[int, str]]:
     if len(old) + len(new) <= CHARS_UP_TO:
         return _chars(old, new)
+    return _by_tokens(old.splitlines(keepends=True), new.splitlines(keepends=True), _words)
+
+
+def _words(old: str, new: str) -> list[tuple[int, str]]:
+    if len(old) + len(new) <= CHARS_UP_TO:
+        return _chars(old, new)
+    if len(old) + len(new) > WORDS_UP_TO:
+        return [(op, text) for op, text in ((-1, old), (1, new)) if text]
+    return _by_tokens(_WORDS.findall(old), _WORDS.findall(new), _refine)
+
+
+def _refine(old: str, new: str) -> list[tuple[int, str]]:
+    if len(old) + len(new) <= CHARS_UP_TO:
+        return _chars(old, new)
+    return [(op, text) for op, text in ((-1, old), (1, new)) if text]
+
+
+def _by_tokens(a: list[str], b: list[str], replaced) -> list[tuple[int, str]]:
+    """Diff by tokens; each block of tokens replaced by others goes to `replaced`."""
     result: list[tuple[int, str]] = []
     gone = came = ""
-    for op, lines in tokens_diff(old.splitlines(keepends=True), new.splitlines(keepends=True)):
-        text = "".join(lines)
+    for op, tokens in tokens_diff(a, b):
+        text = "".join(tokens)
         if op == -1:
             gone += text
         elif op == 1:
             came += text
         else:
-            result += _replaced(gone, came)
+            if gone and came:
+                result += replaced(gone, came)
+            else:
+                result += [(o, t) for o, t in ((-1, gone), (1, came)) if t]
             gone = came = ""
             result.append((0, text))
-    return result + _replaced(gone, came)
-
-
-def _replaced(gone: str, came: str) -> list[tuple[int, str]]:
-    if gone and came and len(gone) + len(came) <= REDIFF_BELOW:
-        return _chars(gone, came)
-    return [(op, text) for op, text in ((-1, gone), (1, came)) if text]
+    if gone and came:
+        return result + replaced(gone, came)
+    return result + [(o, t) for o, t in ((-1, gone), (1, came)) if t]
 
 
 def tokens_diff(a: list[str], b: list[str]) -> list[tuple[int, list[str]]]:
@@ -125,16 +157,46 @@ def tokens_diff(a: list[str], b: list[str]) -> list[tuple[int, list[str]]]:
     return [(_OPS[op], [back[c] for c in text]) for op, text in raw if text]
 
 
+# Stored form of a delta. diff_toDelta's text percent-encodes inserted text: every non-ASCII
+# byte becomes three characters (Persian text triples), which zlib only partly wins back and
+# which replay must unquote. The stored form carries the same operations with the same
+# UTF-16 counts, the inserted text kept as it is:
+#     "\x01" + "\t".join("=n" | "-n" | "+n") + "\x00" + all inserted text, in order
+# where every n counts UTF-16 code units, as diff_toDelta's do. `to_dmp` turns it back into
+# exactly what diff_toDelta gives; `apply` also takes diff_toDelta's form.
+COMPACT = "\x01"
+
+
 def make(old: str, new: str) -> str:
-    """The delta that turns `old` into `new`."""
-    return _dmp.diff_toDelta(diff(old, new))
+    """The delta that turns `old` into `new`, in the stored form."""
+    ops: list[str] = []
+    inserted: list[str] = []
+    for op, text in diff(old, new):
+        n = _utf16_len(text)
+        if op == 1:
+            ops.append(f"+{n}")
+            inserted.append(text)
+        else:
+            ops.append(f"={n}" if op == 0 else f"-{n}")
+    return COMPACT + "\t".join(ops) + "\x00" + "".join(inserted)
+
+
+def to_dmp(old: str, delta: str) -> str:
+    """The delta as diff_toDelta writes it (for other diff-match-patch tools)."""
+    if not delta.startswith(COMPACT):
+        return delta
+    return _dmp.diff_toDelta(_diffs(old.encode("utf-16-be"), delta))
+
+
+def _utf16_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-16-be")) // 2
 
 
 def apply(old: str, delta: str) -> str:
-    """Rebuild the new text from `old` and a delta made by `make`; raises ValueError if the
-    delta does not fit `old` (the caller still checks the hash: a wrong base of the same
-    length passes here)."""
-    return "".join(text for op, text in _dmp.diff_fromDelta(old, delta) if op != -1)
+    """Rebuild the new text from `old` and a delta (stored or diff_toDelta form); raises
+    ValueError if the delta does not fit `old` (the caller still checks the hash: a wrong
+    base of the same length passes here)."""
+    return apply_chain(old, [delta])
 
 
 def apply_chain(base: str, deltas: list[str]) -> str:
@@ -143,32 +205,67 @@ def apply_chain(base: str, deltas: list[str]) -> str:
     The delta format counts UTF-16 code units; `diff_fromDelta` re-encodes the whole text to
     UTF-16 and decodes every piece on each call. Staying in UTF-16 across the chain and
     decoding once makes a K-delta replay several times cheaper. The tests check it against
-    `diff_fromDelta` on every delta they make, and replay checks the SHA-256 of the result.
+    `diff_fromDelta` on the deltas they make, and replay checks the SHA-256 of the result.
     """
     if not deltas:
         return base
     buffer = base.encode("utf-16-be")
     for text in deltas:
-        pieces = []
-        pointer = 0
-        for token in text.split("\t"):
+        pieces = [piece for op, piece in _ops16(buffer, text) if op != -1]
+        buffer = b"".join(pieces)
+    return buffer.decode("utf-16-be")
+
+
+def _diffs(buffer: bytes, delta: str) -> list[tuple[int, str]]:
+    return [(op, piece.decode("utf-16-be")) for op, piece in _ops16(buffer, delta)]
+
+
+def _ops16(buffer: bytes, delta: str) -> list[tuple[int, bytes]]:
+    """The delta's operations over `buffer` (UTF-16-BE), each with its UTF-16 bytes."""
+    out: list[tuple[int, bytes]] = []
+    pointer = 0
+    if delta.startswith(COMPACT):
+        ops, found, inserted = delta[1:].partition("\x00")
+        if not found:
+            raise ValueError("stored delta has no inserted-text section")
+        added = inserted.encode("utf-16-be")
+        cursor = 0
+        for token in ops.split("\t") if ops else ():
+            op, count = token[:1], _count(token[1:])
+            if op == "+":
+                out.append((1, added[cursor : cursor + 2 * count]))
+                cursor += 2 * count
+            elif op == "=":
+                out.append((0, buffer[pointer : pointer + 2 * count]))
+                pointer += 2 * count
+            elif op == "-":
+                out.append((-1, buffer[pointer : pointer + 2 * count]))
+                pointer += 2 * count
+            else:
+                raise ValueError(f"invalid diff operation in delta: {op!r}")
+        if cursor != len(added):
+            raise ValueError("stored delta's inserted text does not match its operations")
+    else:
+        for token in delta.split("\t"):
             if not token:
                 continue
             op, param = token[0], token[1:]
             if op == "+":
-                pieces.append(unquote(param).encode("utf-16-be"))
+                out.append((1, unquote(param).encode("utf-16-be")))
                 continue
             if op not in "=-":
                 raise ValueError(f"invalid diff operation in delta: {op!r}")
-            count = int(param)
-            if count < 0:
-                raise ValueError(f"negative number in delta: {param!r}")
-            if op == "=":
-                pieces.append(buffer[pointer : pointer + 2 * count])
+            count = _count(param)
+            out.append((0 if op == "=" else -1, buffer[pointer : pointer + 2 * count]))
             pointer += 2 * count
-        if pointer != len(buffer):
-            raise ValueError(
-                f"delta length ({pointer // 2}) does not equal source length ({len(buffer) // 2})"
-            )
-        buffer = b"".join(pieces)
-    return buffer.decode("utf-16-be")
+    if pointer != len(buffer):
+        raise ValueError(
+            f"delta length ({pointer // 2}) does not equal source length ({len(buffer) // 2})"
+        )
+    return out
+
+
+def _count(param: str) -> int:
+    if not param.isdigit() or not param.isascii():
+        raise ValueError(f"invalid number in delta: {param!r}")
+    return int(param)

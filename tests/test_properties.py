@@ -152,3 +152,22 @@ def test_every_version_replays_exactly_at_its_time_and_by_number(db_url):
         assert deltas > 0  # the examples did exercise delta replay
         assert longest <= K
         assert reader.verify() == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(old=texts, new=texts)
+def test_stored_delta_is_diff_match_patch_delta(old, new):
+    """The stored delta form carries exactly diff_toDelta's operations: turned back it equals
+    diff_toDelta's output, diff_fromDelta rebuilds `new` from it, and replay accepts both."""
+    from diff_match_patch import diff_match_patch
+
+    from archive import delta
+
+    dmp = diff_match_patch()
+    stored = delta.make(old, new)
+    classic = delta.to_dmp(old, stored)
+    assert classic == dmp.diff_toDelta(delta.diff(old, new))
+    assert "".join(t for op, t in dmp.diff_fromDelta(old, classic) if op != -1) == new
+    assert delta.apply(old, stored) == new
+    assert delta.apply(old, classic) == new
+    assert delta.apply_chain(old, [stored, delta.make(new, old)]) == old
