@@ -891,10 +891,11 @@ class _BatchWriter:
         base = self.fresh.get(base_id) or load_one(self.cur, base_id, self.arc.cache)
         if base.text is None:
             return None
-        payload = delta.make(base.text, new_text).encode("utf-8")
+        payload = delta.make(base.text, new_text, base.data, data).encode("utf-8")
         codec, blob = content.pack(payload)
-        # Cheap test first: compress the full copy only when the delta might not be smaller.
-        if len(blob) * 16 >= len(data) and len(blob) >= len(content.pack(data)[1]):
+        # Text seldom compresses below a third: the full copy is compressed for comparison only
+        # when the delta is at least that large (a rare miss costs bytes, never exactness).
+        if len(blob) * 3 >= len(data) and len(blob) >= len(content.pack(data)[1]):
             return None
         return {"base_id": base_id, "depth": base_state.depth + 1, "codec": codec, "data": blob}
 

@@ -29,21 +29,25 @@ WORDS_UP_TO = 64_000
 _WORDS = re.compile(r"\s+|\S+")
 
 
-def diff(old: str, new: str) -> list[tuple[int, str]]:
+def diff(
+    old: str, new: str, old_bytes: bytes | None = None, new_bytes: bytes | None = None
+) -> list[tuple[int, str]]:
     """diff-match-patch diff tuples (-1, 0, 1) from `old` to `new`.
 
     The common prefix and suffix are found on the UTF-8 bytes first (slice comparisons run at
     memcmp speed), moved back to character boundaries, and only the middle is diffed, with
     semantic clean-up: fewer, larger operations make smaller deltas and diffs that read as
-    words. Large middles are diffed by lines (see CHARS_UP_TO).
+    words. Large middles are diffed by lines (see CHARS_UP_TO). Callers that hold the UTF-8
+    bytes already pass them, to save encoding them again.
     """
     if old == new:
         return [(0, old)] if old else []
     if not old or not new:
         return [(1, new)] if new else [(-1, old)]
-    a, b = old.encode("utf-8"), new.encode("utf-8")
+    a = old_bytes if old_bytes is not None else old.encode("utf-8")
+    b = new_bytes if new_bytes is not None else new.encode("utf-8")
     head = _common_prefix(a, b)
-    tail = _common_prefix(a[head:][::-1], b[head:][::-1])
+    tail = _common_suffix(a, b, min(len(a), len(b)) - head)
     while head and head < len(a) and (a[head] & 0xC0) == 0x80:
         head -= 1  # the prefix ended inside a character
     while tail and (a[len(a) - tail] & 0xC0) == 0x80:
@@ -76,6 +80,19 @@ def _common_prefix(a: bytes, b: bytes) -> int:
     while low < high:
         mid = (low + high + 1) // 2
         if a[low:mid] == b[low:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _common_suffix(a: bytes, b: bytes, most: int) -> int:
+    """Length of the common suffix, at most `most` bytes (so it cannot overlap the prefix)."""
+    low, high = 0, most
+    la, lb = len(a), len(b)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[la - mid : la - low] == b[lb - mid : lb - low]:
             low = mid
         else:
             high = mid - 1
@@ -134,27 +151,24 @@ def _by_tokens(a: list[str], b: list[str], replaced) -> list[tuple[int, str]]:
 def tokens_diff(a: list[str], b: list[str]) -> list[tuple[int, list[str]]]:
     """Diff two token lists (lines, words) as diff-match-patch's line mode does: each
     distinct token becomes one character, the short strings are diffed, then mapped back."""
-    table: dict[str, str] = {}
-    back: dict[str, str] = {}
-
-    def encode(parts: list[str]) -> str:
-        out = []
-        for part in parts:
-            char = table.get(part)
-            if char is None:
-                n = len(table) + 1
-                # Skip the surrogate range: those code points cannot stand alone in a str.
-                char = chr(n if n < 0xD800 else n + 0x800)
-                table[part] = char
-                back[char] = part
-            out.append(char)
-        return "".join(out)
-
-    chars_a, chars_b = encode(a), encode(b)
+    distinct = dict.fromkeys(a)
+    distinct.update(dict.fromkeys(b))
+    if len(distinct) > _MAX_TOKENS:
+        return [(op, part) for op, part in ((-1, a), (1, b)) if part]
+    # Code points from 1 up, skipping the surrogates (they cannot stand alone in a str).
+    table = {
+        token: chr(n if n < 0xD800 else n + 0x800) for n, token in enumerate(distinct, start=1)
+    }
+    back = {char: token for token, char in table.items()}
+    chars_a = "".join(map(table.__getitem__, a))
+    chars_b = "".join(map(table.__getitem__, b))
     raw = fast_diff_match_patch.diff(
         chars_a, chars_b, timelimit=0, checklines=False, cleanup="Semantic", counts_only=False
     )
-    return [(_OPS[op], [back[c] for c in text]) for op, text in raw if text]
+    return [(_OPS[op], list(map(back.__getitem__, text))) for op, text in raw if text]
+
+
+_MAX_TOKENS = 0x10FFFF - 0x800  # one code point per distinct token
 
 
 # Stored form of a delta. diff_toDelta's text percent-encodes inserted text: every non-ASCII
@@ -167,11 +181,13 @@ def tokens_diff(a: list[str], b: list[str]) -> list[tuple[int, list[str]]]:
 COMPACT = "\x01"
 
 
-def make(old: str, new: str) -> str:
+def make(
+    old: str, new: str, old_bytes: bytes | None = None, new_bytes: bytes | None = None
+) -> str:
     """The delta that turns `old` into `new`, in the stored form."""
     ops: list[str] = []
     inserted: list[str] = []
-    for op, text in diff(old, new):
+    for op, text in diff(old, new, old_bytes, new_bytes):
         n = _utf16_len(text)
         if op == 1:
             ops.append(f"+{n}")

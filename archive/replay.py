@@ -8,6 +8,7 @@ is hashed before it is returned or cached, so a wrong base or a damaged blob fai
 
 from __future__ import annotations
 
+import sys
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -28,7 +29,8 @@ class Rebuilt:
 
     @property
     def cost(self) -> int:
-        return len(self.data) + (len(self.text) if self.text is not None else 0)
+        """Bytes held: a non-ASCII str takes 2 or 4 bytes per character."""
+        return len(self.data) + (sys.getsizeof(self.text) if self.text is not None else 0)
 
 
 class ContentCache:

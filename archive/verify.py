@@ -30,7 +30,7 @@ def _verify_contents(arc: Archive, conn, problems: list[dict[str, Any]]) -> None
     # A private cache: verification must rebuild from storage, not trust earlier reads. Each
     # content is read once, in id order, and rebuilt on its base, which was verified just
     # before (bases precede their deltas); memory stays within the cache's budget.
-    cache = ContentCache(32 << 20)
+    cache = ContentCache(64 << 20)
     cur = arc.store.cursor(conn)
     after = 0
     while True:
