@@ -867,7 +867,7 @@ class _BatchWriter:
         return doc
 
     def _new_content(self, data: bytes, sha: bytes, base_id: int | None) -> _ContentState:
-        as_text = content.as_text(data)
+        as_text = content.delta_text(data)
         row: dict[str, Any] | None = None
         if as_text is not None and base_id is not None:
             row = self._delta_row(as_text, data, base_id)

@@ -26,6 +26,9 @@ _OPS = {"=": 0, "-": -1, "+": 1}
 # CHARS_UP_TO. Decided by sizes alone, so the same inputs always give the same delta.
 CHARS_UP_TO = 4_000
 WORDS_UP_TO = 64_000
+# A changed middle larger than this is not diffed at all: it is replaced whole, and the
+# writer then stores a keyframe (the delta is not smaller than the full copy).
+MIDDLE_UP_TO = 4_000_000
 _WORDS = re.compile(r"\s+|\S+")
 
 
@@ -109,6 +112,8 @@ def _chars(old: str, new: str) -> list[tuple[int, str]]:
 def _middle(old: str, new: str) -> list[tuple[int, str]]:
     if len(old) + len(new) <= CHARS_UP_TO:
         return _chars(old, new)
+    if len(old) + len(new) > MIDDLE_UP_TO:
+        return [(-1, old), (1, new)]
     return _by_tokens(old.splitlines(keepends=True), new.splitlines(keepends=True), _words)
 
 

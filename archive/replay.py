@@ -22,7 +22,8 @@ from .store import Cursor
 
 @dataclass(slots=True)
 class Rebuilt:
-    """A verified content: its bytes, and its text when it is UTF-8 (for deltas)."""
+    """A verified content: its bytes, and its text when deltas are made on it (UTF-8, not
+    too large: see content.DELTA_UP_TO)."""
 
     data: bytes
     text: str | None
@@ -183,7 +184,7 @@ def _keyframe(row: Any) -> Rebuilt:
     except (ValueError, zlib.error) as error:
         raise Damaged(f"content {row[_ID]}: stored blob cannot be read: {error}") from None
     _check(row, data)
-    return Rebuilt(data, content.as_text(data))
+    return Rebuilt(data, content.delta_text(data))
 
 
 def _check(row: Any, data: bytes) -> None:

@@ -447,6 +447,36 @@ def test_default_keyframe_interval_bounds_chains(arc, db_url):
     assert reader(db_url).show("long.txt", version=60).data == versions[-1]
 
 
+def test_large_contents_are_stored_whole_and_replay_exactly(db_url, monkeypatch):
+    """Above content.DELTA_UP_TO a version is a keyframe (bounded memory and time, decided
+    by size alone); smaller neighbours still get deltas. The limit is lowered for the test."""
+    import archive.content
+
+    monkeypatch.setattr(archive.content, "DELTA_UP_TO", 20_000)
+    big = seed("002") * 3  # > 20,000 bytes of Persian, emoji and English
+    assert len(big) > 20_000
+    small = seed_lines("000", 30)
+    assert len(small) < 20_000
+    versions = [
+        ("big.txt", big),
+        ("big.txt", big.replace(b"Iran", b"IRAN", 5)),
+        ("big.txt", big.replace(b"Iran", b"IRAN", 5) + b"\nUpdate: appended\n"),
+        ("small.txt", small),
+        ("small.txt", small.replace(b"Soleimani", b"Suleimani", 1)),
+    ]
+    with Archive(db_url) as arc:
+        for i, (key, data) in enumerate(versions):
+            arc.record(key, data, at=us("2020-01-02T10:00:00Z") + i * 1_000_000)
+        big_events, small_events = arc.history("big.txt"), arc.history("small.txt")
+    rows = content_rows(db_url)
+    assert [rows[e.content_id]["base_id"] for e in big_events] == [None, None, None]
+    assert rows[small_events[1].content_id]["base_id"] == small_events[0].content_id
+    fresh = reader(db_url)
+    for n, (_key, data) in enumerate(versions[:3], start=1):
+        assert fresh.show("big.txt", version=n).data == data
+    assert fresh.show("small.txt", version=2).data == versions[4][1]
+
+
 def test_keyframe_whenever_a_delta_would_not_be_smaller(db_url):
     rng = random.Random(7)
     letters = "abcdefghijklmnopqrstuvwxyz \n"
