@@ -232,9 +232,40 @@ def apply_chain(base: str, deltas: list[str]) -> str:
         return base
     buffer = base.encode("utf-16-be")
     for text in deltas:
-        pieces = [piece for op, piece in _ops16(buffer, text) if op != -1]
-        buffer = b"".join(pieces)
+        if text.startswith(COMPACT):
+            buffer = _apply_compact16(buffer, text)
+        else:
+            buffer = b"".join(piece for op, piece in _ops16(buffer, text) if op != -1)
     return buffer.decode("utf-16-be")
+
+
+def _apply_compact16(buffer: bytes, delta: str) -> bytes:
+    """The hot path of replay: one stored-form delta over a UTF-16-BE buffer."""
+    ops, found, inserted = delta[1:].partition("\x00")
+    if not found:
+        raise ValueError("stored delta has no inserted-text section")
+    added = inserted.encode("utf-16-be")
+    pieces = []
+    pointer = cursor = 0
+    for token in ops.split("\t") if ops else ():
+        op, count = token[:1], 2 * int(token[1:])
+        if count < 0:
+            raise ValueError(f"negative number in delta: {token!r}")
+        if op == "=":
+            pieces.append(buffer[pointer : pointer + count])
+            pointer += count
+        elif op == "-":
+            pointer += count
+        elif op == "+":
+            pieces.append(added[cursor : cursor + count])
+            cursor += count
+        else:
+            raise ValueError(f"invalid diff operation in delta: {op!r}")
+    if pointer != len(buffer) or cursor != len(added):
+        raise ValueError(
+            f"delta length ({pointer // 2}) does not equal source length ({len(buffer) // 2})"
+        )
+    return b"".join(pieces)
 
 
 def _diffs(buffer: bytes, delta: str) -> list[tuple[int, str]]:
