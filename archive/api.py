@@ -35,7 +35,7 @@ from .events import (
     Event,
     hash_event,
 )
-from .replay import ContentCache, Rebuilt, load, load_one
+from .replay import ContentCache, Rebuilt, load, load_one, load_with
 from .store import Cursor, Store, contents, doc_names, documents, events
 
 TimeLike = int | str | datetime
@@ -175,6 +175,13 @@ _HOT_TIMELINE = {
     for known in (False, True)
 }
 _HOT_DOC = f"SELECT {_DOC_OF_KEY}"
+# A document's stored contents, for replays without a query each; blobs over 64 KiB are left
+# to be read when needed, so a history of big files is never all in memory.
+_DOC_CONTENTS = (
+    "SELECT c.id, c.sha256, c.size, c.base_id, c.codec,"
+    " CASE WHEN length(c.data) <= 65536 THEN c.data END"
+    " FROM contents c WHERE c.id IN (SELECT content_id FROM events WHERE doc_id = :doc)"
+)
 _LATEST = 2**62  # "now": later than any stored time
 
 
@@ -597,11 +604,12 @@ class Reader:
     effective-time order) is read once, then every read is a binary search and a cache
     lookup; the snapshot cannot change under it."""
 
-    TIMELINE_ROWS = 2_000_000  # events kept in memory before the timelines are dropped
+    TIMELINE_ROWS = 250_000  # events kept in memory (tens of MB) before timelines are dropped
 
     def __init__(self, arc: Archive, cur: Cursor, known_at: int | None):
         self.arc, self.cur, self.known_at = arc, cur, known_at
         self._timelines: dict[str, tuple[list[int], list[Any]] | None] = {}
+        self._contents: dict[int, Any] = {}  # stored rows of the documents read so far
         self._rows = 0
 
     def _timeline(self, key: str) -> tuple[list[int], list[Any]] | None:
@@ -618,7 +626,11 @@ class Reader:
             self._rows += len(rows)
             if self._rows > self.TIMELINE_ROWS:
                 self._timelines.clear()
+                self._contents.clear()
                 self._rows = len(rows)
+            for row in self.cur.execute(_DOC_CONTENTS, {"doc": doc_id}).fetchall():
+                if row[5] is not None:
+                    self._contents[row[0]] = row
         self._timelines[key] = timeline
         return timeline
 
@@ -638,7 +650,8 @@ class Reader:
             found = rows[index] = _event(found)  # built once per version read
         if found.content_id is None:  # a deletion
             return None
-        return Snapshot(found, load_one(self.cur, found.content_id, self.arc.cache).data)
+        cache = self.arc.cache
+        return Snapshot(found, load_with(self.cur, found.content_id, cache, self._contents).data)
 
 
 def _rename(

@@ -48,6 +48,9 @@ class ContentCache:
             self._items.move_to_end(content_id)
         return item
 
+    def holds(self, content_id: int) -> bool:
+        return content_id in self._items
+
     def put(self, content_id: int, item: Rebuilt) -> None:
         if item.cost > self.budget // 4 or content_id in self._items:
             return
@@ -107,6 +110,21 @@ def load_one(cur: Cursor, content_id: int, cache: ContentCache) -> Rebuilt:
     if hit is not None:
         return hit
     rows = {row[_ID]: row for row in cur.execute(_CHAIN_ONE, {"id": content_id}).fetchall()}
+    return _rebuild(content_id, rows, cache)
+
+
+def load_with(cur: Cursor, content_id: int, cache: ContentCache, rows: dict[int, Any]) -> Rebuilt:
+    """`load_one`, taking chain rows from `rows` (fetched ahead by the caller) when they
+    reach a cached content or a keyframe, else from storage."""
+    hit = cache.get(content_id)
+    if hit is not None:
+        return hit
+    current: int | None = content_id
+    while current is not None and not cache.holds(current):
+        row = rows.get(current)
+        if row is None:
+            return load_one(cur, content_id, cache)
+        current = row[_BASE]
     return _rebuild(content_id, rows, cache)
 
 
