@@ -600,16 +600,18 @@ class Archive:
 
 
 class Reader:
-    """Point-in-time reads inside one snapshot. Each document's timeline (its events in
-    effective-time order) is read once, then every read is a binary search and a cache
-    lookup; the snapshot cannot change under it."""
+    """Point-in-time reads inside one snapshot; the snapshot cannot change under it. The
+    first read of a document is one indexed query, like `show`; from its second read on, the
+    document's timeline (its events in effective-time order) and its stored rows are read
+    once, and every further read is a binary search and a replay without queries."""
 
     TIMELINE_ROWS = 250_000  # events kept in memory (tens of MB) before timelines are dropped
 
     def __init__(self, arc: Archive, cur: Cursor, known_at: int | None):
         self.arc, self.cur, self.known_at = arc, cur, known_at
         self._timelines: dict[str, tuple[list[int], list[Any]] | None] = {}
-        self._contents: dict[int, Any] = {}  # stored rows of the documents read so far
+        self._contents: dict[int, Any] = {}  # stored rows of the documents with timelines
+        self._seen: set[str] = set()
         self._rows = 0
 
     def _timeline(self, key: str) -> tuple[list[int], list[Any]] | None:
@@ -636,19 +638,28 @@ class Reader:
 
     def at(self, key: str, at: TimeLike | None) -> Snapshot | None:
         """The version of `key` in effect at `at`, or None where it did not exist."""
-        timeline = self._timeline(key)
-        if timeline is None:
-            return None
         at_us = to_us(at)
-        times, rows = timeline
-        # Rows are in (effective_at, seq) order: the last one at or before `at` is in effect.
-        index = bisect_right(times, at_us if at_us is not None else _LATEST) - 1
-        if index < 0:
-            return None
-        found = rows[index]
-        if not isinstance(found, Event):
-            found = rows[index] = _event(found)  # built once per version read
-        if found.content_id is None:  # a deletion
+        when = at_us if at_us is not None else _LATEST
+        if key not in self._seen:
+            self._seen.add(key)
+            params: dict[str, Any] = {"key": key, "at": when}
+            if self.known_at is not None:
+                params["known"] = self.known_at
+            row = self.cur.execute(_HOT_AT[self.known_at is not None], params).fetchone()
+            found = _event(row) if row is not None else None
+        else:
+            timeline = self._timeline(key)
+            if timeline is None:
+                return None
+            times, rows = timeline
+            # Rows are in (effective_at, seq) order: the last one at or before is in effect.
+            index = bisect_right(times, when) - 1
+            if index < 0:
+                return None
+            found = rows[index]
+            if not isinstance(found, Event):
+                found = rows[index] = _event(found)  # built once per version read
+        if found is None or found.content_id is None:  # absent, or a deletion
             return None
         cache = self.arc.cache
         return Snapshot(found, load_with(self.cur, found.content_id, cache, self._contents).data)
