@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import sqlite3
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 from conftest import raw_sql, run_cli
 from sqlalchemy import make_url
 
-from archive import Archive
+from archive import Archive, NotFound
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = ROOT / "seeds"
@@ -479,6 +480,69 @@ def test_show_exact_bytes_at_time_and_version(db_url, lib, tmp_path):
     result = run_cli("show", "unknown.txt", db=db_url, cwd=tmp_path)
     assert "unknown.txt" in one_line(fails(result, 3))
     fails(show("--at", "2020-01-02T11:00:00Z", "--version", "1"), 2)
+
+
+def _batch_answers(out: bytes) -> list[tuple[str, str, bytes | None]]:
+    """Parse `show --batch` output: (key, sha256 hex or "missing", bytes or None)."""
+    answers, pos = [], 0
+    while pos < len(out):
+        end = out.index(b"\n", pos)
+        words = out[pos:end].decode().split(" ")
+        pos = end + 1
+        if words[-1] == "missing" and len(words) == 2:
+            answers.append((words[0], "missing", None))
+            continue
+        sha_hex, size, key = words[0], int(words[1]), " ".join(words[2:])
+        data = out[pos : pos + size]
+        assert out[pos + size : pos + size + 1] == b"\n"
+        pos += size + 1
+        answers.append((key, sha_hex, data))
+    return answers
+
+
+def test_show_batch_answers_every_line_like_show(db_url, lib, tmp_path):
+    """Each line answered as `show --at` would, whether it is a document's first read (one
+    query) or a later one (its timeline): several reads per document, in shuffled order,
+    before creation, after deletion, back-filled versions, an old name, and --known-at."""
+    t0 = datetime(2020, 1, 2, 10, tzinfo=UTC)
+    texts = [seed(f"{n:03d}") for n in range(3)]
+    lib.record("a.txt", texts[0], at=t0)
+    lib.record("a.txt", texts[0] + b"\nUpdate: one\n", at=t0 + timedelta(hours=2))
+    lib.record("a.txt", texts[1], at=t0 + timedelta(hours=4))
+    lib.delete("a.txt", at=t0 + timedelta(hours=6))
+    lib.record("b.txt", texts[2], at=t0 + timedelta(hours=1))
+    time.sleep(0.01)
+    mark = datetime.now(UTC)
+    time.sleep(0.01)
+    lib.record("b.txt", texts[2][:500], at=t0 + timedelta(minutes=90))  # back-filled later
+    lib.rename("b.txt", "c.txt", at=t0 + timedelta(hours=3))
+    times = [t0 + timedelta(minutes=m) for m in range(-30, 8 * 60, 25)]
+    rng = random.Random(5)
+    requests = [(k, t) for k in ("a.txt", "b.txt", "c.txt", "none.txt") for t in times]
+    rng.shuffle(requests)
+
+    def expected(key, t, known=None):
+        try:
+            return lib.show(key, at=t, known_at=known).data
+        except NotFound:
+            return None
+
+    for known in (None, mark):
+        lines = "".join(f"{k}\t{t.isoformat()}\n" for k, t in requests).encode()
+        args = ["show", "--batch"] + (["--known-at", known.isoformat()] if known else [])
+        result = run_cli(*args, db=db_url, cwd=tmp_path, input=lines)
+        assert result.returncode == 0, result.stderr
+        answers = _batch_answers(result.stdout)
+        assert len(answers) == len(requests)
+        for (key, t), (got_key, sha_hex, data) in zip(requests, answers, strict=True):
+            want = expected(key, t, known)
+            assert got_key == key
+            if want is None:
+                assert sha_hex == "missing", (key, t)
+            else:
+                assert data == want and sha_hex == hashlib.sha256(want).hexdigest(), (key, t)
+    bad = run_cli("show", "--batch", db=db_url, cwd=tmp_path, input=b"a.txt\tnot a time\n")
+    assert "line 1" in one_line(fails(bad, 2))
 
 
 def test_show_known_at(db_url, lib, tmp_path):
