@@ -65,6 +65,8 @@ class ContentCache:
         self.used = 0
 
 
+# Contents and their bases down to the keyframes. Several chains may share bases, so ids are
+# collected first (UNION drops repeats) and each row is read once.
 _CHAIN = """
     WITH RECURSIVE chain(id) AS (
         SELECT id FROM contents WHERE id IN {ids}
@@ -75,7 +77,18 @@ _CHAIN = """
     SELECT c.id, c.sha256, c.size, c.base_id, c.codec, c.data
     FROM contents c WHERE c.id IN (SELECT id FROM chain)
 """
-_CHAIN_ONE = _CHAIN.replace("IN {ids}", "= :id")
+# One chain (the hot path of a read): rows fetched as the recursion reaches them. A base is
+# always older than its delta; requiring it keeps a damaged (cyclic) chain from recursing
+# forever: it ends early, and replay reports the chain broken.
+_CHAIN_ONE = """
+    WITH RECURSIVE chain(id, sha256, size, base_id, codec, data) AS (
+        SELECT id, sha256, size, base_id, codec, data FROM contents WHERE id = :id
+        UNION ALL
+        SELECT c.id, c.sha256, c.size, c.base_id, c.codec, c.data
+        FROM chain JOIN contents c ON c.id = chain.base_id AND c.id < chain.id
+    )
+    SELECT id, sha256, size, base_id, codec, data FROM chain
+"""
 
 # Columns of a chain row.
 _ID, _SHA, _SIZE, _BASE, _CODEC, _DATA = range(6)
@@ -122,7 +135,7 @@ def load_with(cur: Cursor, content_id: int, cache: ContentCache, rows: dict[int,
     current: int | None = content_id
     while current is not None and not cache.holds(current):
         row = rows.get(current)
-        if row is None:
+        if row is None or not _older_base(row):
             return load_one(cur, content_id, cache)
         current = row[_BASE]
     return _rebuild(content_id, rows, cache)
@@ -151,7 +164,7 @@ def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> Rebu
         if base is not None:
             break
         row = rows.get(current)
-        if row is None:
+        if row is None or not _older_base(row):
             raise Damaged(f"content {content_id}: its delta chain is broken at content {current}")
         if row[_BASE] is None:
             base = _keyframe(row)
@@ -194,6 +207,12 @@ def _rebuild_stepwise(base: Rebuilt, chain: list[Any], cache: ContentCache) -> R
         _check(row, base.data)
         cache.put(row[_ID], base)
     return base
+
+
+def _older_base(row: Any) -> bool:
+    """A delta's base is always an older content (smaller id); a row breaking that rule is
+    damage, and following it could loop for ever."""
+    return row[_BASE] is None or row[_BASE] < row[_ID]
 
 
 def _keyframe(row: Any) -> Rebuilt:

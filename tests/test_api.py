@@ -919,3 +919,26 @@ def test_rename_many_is_one_transaction_with_one_recorded_time(arc):
     assert arc.show("d/b.txt").data == b"d/b.txt"  # the old name still resolves
     assert [ev.type for ev in arc.history("e/b.txt")] == ["created", "renamed"]
     assert arc.verify() == []
+
+
+def test_a_cyclic_delta_chain_is_reported_not_followed_forever(db_url):
+    """Damage that makes a chain loop (a keyframe turned into a delta on its own delta)
+    ends in Damaged for every read and in verify, never in a hang."""
+    versions = growing_versions(3)
+    with Archive(db_url, keyframe_interval=10) as arc:
+        for i, data in enumerate(versions):
+            arc.record("loop.txt", data, at=us("2020-01-02T10:00:00Z") + i)
+        events = arc.history("loop.txt")
+    first, last = events[0].content_id, events[-1].content_id
+    assert content_rows(db_url)[last]["base_id"] is not None
+    raw_sql(
+        db_url,
+        f"UPDATE contents SET base_id = {last}, depth = 1 WHERE id = {first}",
+        bypass=("contents",),
+    )
+    with reader(db_url) as fresh:
+        for n in range(1, len(versions) + 1):
+            with pytest.raises(Damaged):
+                fresh.show("loop.txt", version=n)
+        problems = fresh.verify()
+    assert "loop.txt" in json.dumps(problems, default=str)
