@@ -35,7 +35,7 @@ from .events import (
     Event,
     hash_event,
 )
-from .replay import ContentCache, Rebuilt, load, load_one, load_with
+from .replay import ContentCache, load, load_one, load_with
 from .store import Cursor, Store, contents, doc_names, documents, events
 
 TimeLike = int | str | datetime
@@ -399,7 +399,7 @@ class Archive:
                     f"{key!r} was deleted at {timeparse.show(found.effective_at)}"
                 )
             assert found.content_id is not None
-            return Snapshot(found, load_one(cur, found.content_id, self.cache).data)
+            return Snapshot(found, load_one(cur, found.content_id, self.cache))
 
     @contextmanager
     def reader(self, *, known_at: TimeLike | None = None) -> Iterator[Reader]:
@@ -407,8 +407,8 @@ class Archive:
         with self.store.snapshot() as cur:
             yield Reader(self, cur, to_us(known_at))
 
-    def _content(self, conn: Connection, found: Sequence[Event]) -> dict[int, Rebuilt]:
-        """Rebuilt content per event position, for events that carry content."""
+    def _content(self, conn: Connection, found: Sequence[Event]) -> dict[int, bytes]:
+        """Verified bytes per event position, for events that carry content."""
         ids = {ev.position: ev.content_id for ev in found if ev.content_id is not None}
         rebuilt = load(self.store.cursor(conn), ids.values(), self.cache)
         return {pos: rebuilt[cid] for pos, cid in ids.items()}
@@ -425,7 +425,7 @@ class Archive:
             found = self._events(conn, where, params, "ORDER BY e.seq")
             rebuilt = self._content(conn, found)
             return [
-                Snapshot(ev, rebuilt[ev.position].data if ev.position in rebuilt else b"")
+                Snapshot(ev, rebuilt.get(ev.position, b""))
                 for ev in found
             ]
 
@@ -512,7 +512,7 @@ class Archive:
         """Verified bytes for content ids (as returned by `corpus`)."""
         with self.store.read() as conn:
             cur = self.store.cursor(conn)
-            return {cid: r.data for cid, r in load(cur, content_ids, self.cache).items()}
+            return load(cur, content_ids, self.cache)
 
     def log(
         self,
@@ -662,7 +662,7 @@ class Reader:
         if found is None or found.content_id is None:  # absent, or a deletion
             return None
         cache = self.arc.cache
-        return Snapshot(found, load_with(self.cur, found.content_id, cache, self._contents).data)
+        return Snapshot(found, load_with(self.cur, found.content_id, cache, self._contents))
 
 
 def _rename(
@@ -802,15 +802,16 @@ class _BatchWriter:
         self.new_events: list[dict] = []
         # Events of this batch per document: (seq, effective_at, content id or None).
         self.pending: dict[int, list[tuple[int, int, int | None]]] = {}
-        self.fresh: dict[int, Rebuilt] = {}
+        # Contents this batch created: their bytes, and their text to diff the next one on.
+        self.fresh: dict[int, tuple[bytes, str | None]] = {}
         self._prefetch()
         results = [self._one(v, h) for v, h in zip(self.batch, self.hashes, strict=True)]
         self._flush()
         return results
 
     def publish(self) -> None:
-        for content_id, item in self.fresh.items():
-            self.arc.cache.put(content_id, item)
+        for content_id, (data, _text) in self.fresh.items():
+            self.arc.cache.put(content_id, data)
 
     # -- reading what the batch needs, in a few queries --------------------------------------
 
@@ -904,7 +905,7 @@ class _BatchWriter:
         self.new_contents.append(row)
         self.contents[sha] = state
         self.contents_by_id[state.id] = state
-        self.fresh[state.id] = Rebuilt(data, as_text)
+        self.fresh[state.id] = (data, as_text)
         return state
 
     def _delta_row(self, new_text: str, data: bytes, base_id: int) -> dict[str, Any] | None:
@@ -912,10 +913,15 @@ class _BatchWriter:
         base_state = self._content_by_id(base_id)
         if base_state.depth + 1 > self.arc.keyframe_interval:
             return None
-        base = self.fresh.get(base_id) or load_one(self.cur, base_id, self.arc.cache)
-        if base.text is None:
+        fresh = self.fresh.get(base_id)
+        if fresh is not None:
+            base_data, base_text = fresh
+        else:
+            base_data = load_one(self.cur, base_id, self.arc.cache)
+            base_text = content.delta_text(base_data)
+        if base_text is None:
             return None
-        payload = delta.make(base.text, new_text, base.data, data).encode("utf-8")
+        payload = delta.make(base_text, new_text, base_data, data)
         codec, blob = content.pack(payload)
         # Text seldom compresses below a third: the full copy is compressed for comparison only
         # when the delta is at least that large (a rare miss costs bytes, never exactness).

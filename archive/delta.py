@@ -2,8 +2,8 @@
 
 Diffs are computed by the C++ fast-diff-match-patch (code points on Linux, no time limit, so
 the result is deterministic) and serialised with the reference implementation's
-`diff_toDelta`; replay uses `diff_fromDelta`, never the fuzzy `patch_apply`. Both ends work on
-the same Python `str`, so the delta's UTF-16 lengths are computed and read by one library.
+in a form that carries exactly `diff_toDelta`'s operations (see UTF8_FORM below); replay
+applies them exactly, as `diff_fromDelta` does, never the fuzzy `patch_apply`.
 """
 
 from __future__ import annotations
@@ -176,107 +176,139 @@ def tokens_diff(a: list[str], b: list[str]) -> list[tuple[int, list[str]]]:
 _MAX_TOKENS = 0x10FFFF - 0x800  # one code point per distinct token
 
 
-# Stored form of a delta. diff_toDelta's text percent-encodes inserted text: every non-ASCII
-# byte becomes three characters (Persian text triples), which zlib only partly wins back and
-# which replay must unquote. The stored form carries the same operations with the same
-# UTF-16 counts, the inserted text kept as it is:
-#     "\x01" + "\t".join("=n" | "-n" | "+n") + "\x00" + all inserted text, in order
-# where every n counts UTF-16 code units, as diff_toDelta's do. `to_dmp` turns it back into
-# exactly what diff_toDelta gives; `apply` also takes diff_toDelta's form.
-COMPACT = "\x01"
+# Stored form of a delta. diff_toDelta's text percent-encodes inserted text (every non-ASCII
+# byte becomes three characters, which zlib only partly wins back) and counts UTF-16 code
+# units, so applying it means re-encoding the whole base to UTF-16 and the result back to
+# UTF-8 on every replay: for a 16 KB page with emoji that is most of a read. The stored form
+# carries the same operations, counted in UTF-8 bytes of the same pieces, with the inserted
+# text as it is:
+#     b"\x02" + b"\t".join(b"=n" | b"-n" | b"+n") + b"\x00" + all inserted text, in order
+# so replay is byte slicing on the stored bytes, and the cache holds only bytes. `to_dmp` turns
+# it back into exactly what diff_toDelta gives. Replay also takes diff_toDelta's own form and
+# the earlier stored form (b"\x01", UTF-16 counts), for archives written before this one.
+UTF8_FORM = b"\x02"
+UTF16_FORM = b"\x01"
 
 
 def make(
     old: str, new: str, old_bytes: bytes | None = None, new_bytes: bytes | None = None
-) -> str:
-    """The delta that turns `old` into `new`, in the stored form."""
-    ops: list[str] = []
-    inserted: list[str] = []
+) -> bytes:
+    """The delta that turns `old` into `new`, in the stored form (bytes)."""
+    ops: list[bytes] = []
+    inserted: list[bytes] = []
     for op, text in diff(old, new, old_bytes, new_bytes):
-        n = _utf16_len(text)
         if op == 1:
-            ops.append(f"+{n}")
-            inserted.append(text)
+            piece = text.encode("utf-8")
+            ops.append(b"+%d" % len(piece))
+            inserted.append(piece)
         else:
-            ops.append(f"={n}" if op == 0 else f"-{n}")
-    return COMPACT + "\t".join(ops) + "\x00" + "".join(inserted)
+            size = len(text) if text.isascii() else len(text.encode("utf-8"))
+            ops.append((b"=%d" if op == 0 else b"-%d") % size)
+    return UTF8_FORM + b"\t".join(ops) + b"\x00" + b"".join(inserted)
 
 
-def to_dmp(old: str, delta: str) -> str:
+def to_dmp(old: str, stored: bytes | str) -> str:
     """The delta as diff_toDelta writes it (for other diff-match-patch tools)."""
-    if not delta.startswith(COMPACT):
-        return delta
-    return _dmp.diff_toDelta(_diffs(old.encode("utf-16-be"), delta))
+    if isinstance(stored, str):
+        stored = stored.encode("utf-8")
+    if stored.startswith(UTF8_FORM):
+        pieces = _ops8(old.encode("utf-8"), stored)
+        return _dmp.diff_toDelta([(op, piece.decode("utf-8")) for op, piece in pieces])
+    if stored.startswith(UTF16_FORM):
+        pieces = _ops16(old.encode("utf-16-be"), stored.decode("utf-8"))
+        return _dmp.diff_toDelta([(op, piece.decode("utf-16-be")) for op, piece in pieces])
+    return stored.decode("ascii")
 
 
-def _utf16_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-16-be")) // 2
-
-
-def apply(old: str, delta: str) -> str:
-    """Rebuild the new text from `old` and a delta (stored or diff_toDelta form); raises
-    ValueError if the delta does not fit `old` (the caller still checks the hash: a wrong
-    base of the same length passes here)."""
+def apply(old: str, delta: bytes | str) -> str:
+    """Rebuild the new text from `old` and a delta (any accepted form); raises ValueError if
+    the delta does not fit `old` (the caller still checks the hash: a wrong base of the same
+    length passes here)."""
     return apply_chain(old, [delta])
 
 
-def apply_chain(base: str, deltas: list[str]) -> str:
-    """Apply successive deltas, exactly as repeated `diff_fromDelta` would.
+def apply_chain(base: str | bytes, deltas: list[bytes | str]) -> str | bytes:
+    """Apply successive deltas, exactly as repeated `diff_fromDelta` would. A `str` base
+    gives a `str`; a `bytes` base (UTF-8) gives bytes without ever decoding, which is what
+    replay uses. The tests check it against `diff_fromDelta`, and replay checks the SHA-256
+    of the result."""
+    as_str = isinstance(base, str)
+    buffer = base.encode("utf-8") if as_str else bytes(base)
+    for step in deltas:
+        if isinstance(step, str):
+            step = step.encode("utf-8")
+        if step.startswith(UTF8_FORM):
+            buffer = _apply8(buffer, step)
+        else:  # an older form: through UTF-16, as it counts
+            utf16 = buffer.decode("utf-8").encode("utf-16-be")
+            text = step.decode("utf-8")
+            if text.startswith(UTF16_FORM.decode()):
+                rebuilt = _apply16(utf16, text)
+            else:
+                rebuilt = b"".join(p for op, p in _ops16(utf16, text) if op != -1)
+            buffer = rebuilt.decode("utf-16-be").encode("utf-8")
+    return buffer.decode("utf-8") if as_str else buffer
 
-    The delta format counts UTF-16 code units; `diff_fromDelta` re-encodes the whole text to
-    UTF-16 and decodes every piece on each call. Staying in UTF-16 across the chain and
-    decoding once makes a K-delta replay several times cheaper. The tests check it against
-    `diff_fromDelta` on the deltas they make, and replay checks the SHA-256 of the result.
-    """
-    if not deltas:
-        return base
-    buffer = base.encode("utf-16-be")
-    for text in deltas:
-        if text.startswith(COMPACT):
-            buffer = _apply_compact16(buffer, text)
-        else:
-            buffer = b"".join(piece for op, piece in _ops16(buffer, text) if op != -1)
-    return buffer.decode("utf-16-be")
 
-
-def _apply_compact16(buffer: bytes, delta: str) -> bytes:
-    """The hot path of replay: one stored-form delta over a UTF-16-BE buffer."""
-    ops, found, inserted = delta[1:].partition("\x00")
+def _apply8(buffer: bytes, delta: bytes) -> bytes:
+    """The hot path of replay: one stored-form delta over UTF-8 bytes."""
+    ops, found, added = delta[1:].partition(b"\x00")
     if not found:
         raise ValueError("stored delta has no inserted-text section")
-    added = inserted.encode("utf-16-be")
     pieces = []
     pointer = cursor = 0
-    for token in ops.split("\t") if ops else ():
-        op, count = token[:1], 2 * int(token[1:])
+    for token in ops.split(b"\t") if ops else ():
+        op, count = token[:1], int(token[1:])
         if count < 0:
             raise ValueError(f"negative number in delta: {token!r}")
-        if op == "=":
+        if op == b"=":
             pieces.append(buffer[pointer : pointer + count])
             pointer += count
-        elif op == "-":
+        elif op == b"-":
             pointer += count
-        elif op == "+":
+        elif op == b"+":
             pieces.append(added[cursor : cursor + count])
             cursor += count
         else:
             raise ValueError(f"invalid diff operation in delta: {op!r}")
     if pointer != len(buffer) or cursor != len(added):
-        raise ValueError(
-            f"delta length ({pointer // 2}) does not equal source length ({len(buffer) // 2})"
-        )
+        raise ValueError(f"delta length ({pointer}) does not equal source length ({len(buffer)})")
     return b"".join(pieces)
 
 
-def _diffs(buffer: bytes, delta: str) -> list[tuple[int, str]]:
-    return [(op, piece.decode("utf-16-be")) for op, piece in _ops16(buffer, delta)]
+def _ops8(buffer: bytes, delta: bytes) -> list[tuple[int, bytes]]:
+    """The stored form's operations over `buffer` (UTF-8), each with its bytes."""
+    ops, found, added = delta[1:].partition(b"\x00")
+    if not found:
+        raise ValueError("stored delta has no inserted-text section")
+    out: list[tuple[int, bytes]] = []
+    pointer = cursor = 0
+    for token in ops.split(b"\t") if ops else ():
+        op, count = token[:1], _count(token[1:].decode("ascii"))
+        if op == b"+":
+            out.append((1, added[cursor : cursor + count]))
+            cursor += count
+        elif op in (b"=", b"-"):
+            out.append((0 if op == b"=" else -1, buffer[pointer : pointer + count]))
+            pointer += count
+        else:
+            raise ValueError(f"invalid diff operation in delta: {op!r}")
+    if pointer != len(buffer) or cursor != len(added):
+        raise ValueError("stored delta does not fit its base")
+    return out
+
+
+def _apply16(buffer: bytes, delta: str) -> bytes:
+    """The earlier stored form (UTF-16 counts) over a UTF-16-BE buffer."""
+    return b"".join(piece for op, piece in _ops16(buffer, delta) if op != -1)
 
 
 def _ops16(buffer: bytes, delta: str) -> list[tuple[int, bytes]]:
-    """The delta's operations over `buffer` (UTF-16-BE), each with its UTF-16 bytes."""
+    """A UTF-16-counted delta's operations over `buffer` (UTF-16-BE), each with its bytes:
+    the earlier stored form, or diff_toDelta's own."""
     out: list[tuple[int, bytes]] = []
     pointer = 0
-    if delta.startswith(COMPACT):
+    if delta.startswith(UTF16_FORM.decode()):
         ops, found, inserted = delta[1:].partition("\x00")
         if not found:
             raise ValueError("stored delta has no inserted-text section")

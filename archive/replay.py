@@ -4,34 +4,19 @@ A content is either a keyframe (a compressed full copy) or a delta against a bas
 following base links reaches a keyframe after at most K deltas. Chains are fetched in one
 recursive query per batch, rebuilt from the nearest cached ancestor, and every rebuilt content
 is hashed before it is returned or cached, so a wrong base or a damaged blob fails loudly.
+Everything stays bytes: deltas count UTF-8 bytes (see delta.UTF8_FORM), so nothing is decoded.
 """
 
 from __future__ import annotations
 
-import sys
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from . import content, delta
 from .errors import Damaged
 from .store import Cursor
-
-
-@dataclass(slots=True)
-class Rebuilt:
-    """A verified content: its bytes, and its text when deltas are made on it (UTF-8, not
-    too large: see content.DELTA_UP_TO)."""
-
-    data: bytes
-    text: str | None
-
-    @property
-    def cost(self) -> int:
-        """Bytes held: a non-ASCII str takes 2 or 4 bytes per character."""
-        return len(self.data) + (sys.getsizeof(self.text) if self.text is not None else 0)
 
 
 class ContentCache:
@@ -40,9 +25,9 @@ class ContentCache:
     def __init__(self, budget: int = 64 << 20):
         self.budget = budget
         self.used = 0
-        self._items: OrderedDict[int, Rebuilt] = OrderedDict()
+        self._items: OrderedDict[int, bytes] = OrderedDict()
 
-    def get(self, content_id: int) -> Rebuilt | None:
+    def get(self, content_id: int) -> bytes | None:
         item = self._items.get(content_id)
         if item is not None:
             self._items.move_to_end(content_id)
@@ -51,14 +36,14 @@ class ContentCache:
     def holds(self, content_id: int) -> bool:
         return content_id in self._items
 
-    def put(self, content_id: int, item: Rebuilt) -> None:
-        if item.cost > self.budget // 4 or content_id in self._items:
+    def put(self, content_id: int, item: bytes) -> None:
+        if len(item) > self.budget // 4 or content_id in self._items:
             return
         self._items[content_id] = item
-        self.used += item.cost
+        self.used += len(item)
         while self.used > self.budget:
             _, old = self._items.popitem(last=False)
-            self.used -= old.cost
+            self.used -= len(old)
 
     def clear(self) -> None:
         self._items.clear()
@@ -94,10 +79,10 @@ _CHAIN_ONE = """
 _ID, _SHA, _SIZE, _BASE, _CODEC, _DATA = range(6)
 
 
-def load(cur: Cursor, ids: Iterable[int], cache: ContentCache) -> dict[int, Rebuilt]:
+def load(cur: Cursor, ids: Iterable[int], cache: ContentCache) -> dict[int, bytes]:
     """The verified contents of `ids`, rebuilt with as few queries as the cache allows."""
     wanted = list(dict.fromkeys(ids))
-    found: dict[int, Rebuilt] = {}
+    found: dict[int, bytes] = {}
     missing = []
     for content_id in wanted:
         hit = cache.get(content_id)
@@ -118,7 +103,7 @@ def load(cur: Cursor, ids: Iterable[int], cache: ContentCache) -> dict[int, Rebu
     return found
 
 
-def load_one(cur: Cursor, content_id: int, cache: ContentCache) -> Rebuilt:
+def load_one(cur: Cursor, content_id: int, cache: ContentCache) -> bytes:
     hit = cache.get(content_id)
     if hit is not None:
         return hit
@@ -126,7 +111,7 @@ def load_one(cur: Cursor, content_id: int, cache: ContentCache) -> Rebuilt:
     return _rebuild(content_id, rows, cache)
 
 
-def load_with(cur: Cursor, content_id: int, cache: ContentCache, rows: dict[int, Any]) -> Rebuilt:
+def load_with(cur: Cursor, content_id: int, cache: ContentCache, rows: dict[int, Any]) -> bytes:
     """`load_one`, taking chain rows from `rows` (fetched ahead by the caller) when they
     reach a cached content or a keyframe, else from storage."""
     hit = cache.get(content_id)
@@ -141,7 +126,7 @@ def load_with(cur: Cursor, content_id: int, cache: ContentCache, rows: dict[int,
     return _rebuild(content_id, rows, cache)
 
 
-def rebuild_row(cur: Cursor, row: Any, cache: ContentCache) -> Rebuilt:
+def rebuild_row(cur: Cursor, row: Any, cache: ContentCache) -> bytes:
     """Rebuild and check one content from its own row (id, sha256, size, base_id, codec,
     data), its base taken from the cache or loaded: a walk over every content in order reads
     each row once (what verify does)."""
@@ -151,14 +136,13 @@ def rebuild_row(cur: Cursor, row: Any, cache: ContentCache) -> Rebuilt:
     return _rebuild(row[_ID], {row[_ID]: row}, cache)
 
 
-def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> Rebuilt:
+def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> bytes:
     # Walk down to the nearest cached ancestor or keyframe, then apply the deltas upwards in
-    # one pass (staying in UTF-16, see delta.apply_chain) and check the result's size and
-    # SHA-256. Only on a mismatch is the chain replayed step by step, to name the content
-    # that is damaged.
+    # one pass and check the result's size and SHA-256. Only on a mismatch is the chain
+    # replayed step by step, to name the content that is damaged.
     chain = []
     current: int | None = content_id
-    base: Rebuilt | None = None
+    base: bytes | None = None
     while current is not None:
         base = cache.get(current)
         if base is not None:
@@ -176,35 +160,26 @@ def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> Rebu
     if not chain:
         return base
     chain.reverse()
-    if base.text is None:
-        raise Damaged(f"content {chain[0][_ID]}: delta against a base that is not text")
     try:
-        steps = [content.unpack(row[_CODEC], row[_DATA]).decode("utf-8") for row in chain]
-        text_ = delta.apply_chain(base.text, steps)
+        data = delta.apply_chain(base, [content.unpack(row[_CODEC], row[_DATA]) for row in chain])
     except (ValueError, UnicodeDecodeError, zlib.error):
-        text_ = None
-    if text_ is not None:
-        data = text_.encode("utf-8")
+        data = None
+    if data is not None:
         top = chain[-1]
         if len(data) == top[_SIZE] and content.sha256(data) == bytes(top[_SHA]):
-            rebuilt = Rebuilt(data, text_)
-            cache.put(top[_ID], rebuilt)
-            return rebuilt
+            cache.put(top[_ID], data)
+            return data
     return _rebuild_stepwise(base, chain, cache)
 
 
-def _rebuild_stepwise(base: Rebuilt, chain: list[Any], cache: ContentCache) -> Rebuilt:
+def _rebuild_stepwise(base: bytes, chain: list[Any], cache: ContentCache) -> bytes:
     """Each delta applied and checked on its own: raises Damaged naming the first bad one."""
     for row in chain:
-        if base.text is None:
-            raise Damaged(f"content {row[_ID]}: delta against a base that is not text")
         try:
-            step = content.unpack(row[_CODEC], row[_DATA]).decode("utf-8")
-            text_ = delta.apply_chain(base.text, [step])
+            base = delta.apply_chain(base, [content.unpack(row[_CODEC], row[_DATA])])
         except (ValueError, UnicodeDecodeError, zlib.error) as error:
             raise Damaged(f"content {row[_ID]}: delta does not apply: {error}") from None
-        base = Rebuilt(text_.encode("utf-8"), text_)
-        _check(row, base.data)
+        _check(row, base)
         cache.put(row[_ID], base)
     return base
 
@@ -215,13 +190,13 @@ def _older_base(row: Any) -> bool:
     return row[_BASE] is None or row[_BASE] < row[_ID]
 
 
-def _keyframe(row: Any) -> Rebuilt:
+def _keyframe(row: Any) -> bytes:
     try:
         data = content.unpack(row[_CODEC], row[_DATA])
     except (ValueError, zlib.error) as error:
         raise Damaged(f"content {row[_ID]}: stored blob cannot be read: {error}") from None
     _check(row, data)
-    return Rebuilt(data, content.delta_text(data))
+    return data
 
 
 def _check(row: Any, data: bytes) -> None:

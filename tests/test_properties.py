@@ -171,3 +171,32 @@ def test_stored_delta_is_diff_match_patch_delta(old, new):
     assert delta.apply(old, stored) == new
     assert delta.apply(old, classic) == new
     assert delta.apply_chain(old, [stored, delta.make(new, old)]) == old
+
+
+def _utf16_form(old: str, new: str) -> str:
+    """The stored form archives wrote before deltas counted UTF-8 bytes: the same operations,
+    counted in UTF-16 code units, after a \\x01 marker."""
+    from archive import delta
+
+    ops, inserted = [], []
+    for op, text in delta.diff(old, new):
+        n = len(text.encode("utf-16-be")) // 2
+        ops.append({0: "=", -1: "-", 1: "+"}[op] + str(n))
+        if op == 1:
+            inserted.append(text)
+    return "\x01" + "\t".join(ops) + "\x00" + "".join(inserted)
+
+
+@settings(max_examples=200, deadline=None)
+@given(old=texts, new=texts, newer=texts)
+def test_deltas_of_every_stored_form_replay_on_bytes(old, new, newer):
+    """Replay works on UTF-8 bytes and still takes the earlier UTF-16 form and diff_toDelta's
+    own, mixed in one chain, with the same result as on text."""
+    from archive import delta
+
+    steps = [_utf16_form(old, new).encode(), delta.make(new, newer)]
+    assert delta.apply_chain(old.encode(), steps) == newer.encode()
+    assert delta.apply_chain(old, steps) == newer
+    assert delta.to_dmp(old, steps[0]) == delta.to_dmp(old, delta.make(old, new))
+    classic = delta.to_dmp(old, delta.make(old, new))
+    assert delta.apply_chain(old.encode(), [classic.encode(), steps[1]]) == newer.encode()
