@@ -30,6 +30,8 @@ WORDS_UP_TO = 64_000
 # writer then stores a keyframe (the delta is not smaller than the full copy).
 MIDDLE_UP_TO = 4_000_000
 _WORDS = re.compile(r"\s+|\S+")
+# Lines longer than this are diffed as sentences.
+LONG_LINE = 400
 
 
 def diff(
@@ -43,10 +45,18 @@ def diff(
     words. Large middles are diffed by lines (see CHARS_UP_TO). Callers that hold the UTF-8
     bytes already pass them, to save encoding them again.
     """
+    return _merged([(op, text) for op, text, _ in _sized(old, new, old_bytes, new_bytes)])
+
+
+def _sized(
+    old: str, new: str, old_bytes: bytes | None, new_bytes: bytes | None
+) -> list[tuple[int, str, int | None]]:
+    """The diff, not yet merged, with the UTF-8 size of the pieces whose size is known
+    without encoding them (the common prefix and suffix), else None."""
     if old == new:
-        return [(0, old)] if old else []
+        return [(0, old, None)] if old else []
     if not old or not new:
-        return [(1, new)] if new else [(-1, old)]
+        return [(1, new, None)] if new else [(-1, old, None)]
     a = old_bytes if old_bytes is not None else old.encode("utf-8")
     b = new_bytes if new_bytes is not None else new.encode("utf-8")
     head = _common_prefix(a, b)
@@ -57,13 +67,16 @@ def diff(
         tail -= 1  # the suffix began inside a character
     head_chars = len(a[:head].decode("utf-8"))
     tail_chars = len(a[len(a) - tail :].decode("utf-8")) if tail else 0
-    result = [(0, old[:head_chars])] if head_chars else []
-    result += _middle(
+    result: list[tuple[int, str, int | None]] = []
+    if head_chars:
+        result.append((0, old[:head_chars], head))
+    middle = _middle(
         old[head_chars : len(old) - tail_chars], new[head_chars : len(new) - tail_chars]
     )
+    result += [(op, text, None) for op, text in middle]
     if tail_chars:
-        result.append((0, old[len(old) - tail_chars :]))
-    return _merged(result)
+        result.append((0, old[len(old) - tail_chars :], tail))
+    return result
 
 
 def _merged(diffs: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -77,7 +90,7 @@ def _merged(diffs: list[tuple[int, str]]) -> list[tuple[int, str]]:
     return out
 
 
-def _common_prefix(a: bytes, b: bytes) -> int:
+def _common_prefix(a: bytes | str, b: bytes | str) -> int:
     """Length of the common prefix, by binary search over slice comparisons (memcmp)."""
     low, high = 0, min(len(a), len(b))
     while low < high:
@@ -89,7 +102,7 @@ def _common_prefix(a: bytes, b: bytes) -> int:
     return low
 
 
-def _common_suffix(a: bytes, b: bytes, most: int) -> int:
+def _common_suffix(a: bytes | str, b: bytes | str, most: int) -> int:
     """Length of the common suffix, at most `most` bytes (so it cannot overlap the prefix)."""
     low, high = 0, most
     la, lb = len(a), len(b)
@@ -114,19 +127,60 @@ def _middle(old: str, new: str) -> list[tuple[int, str]]:
         return _chars(old, new)
     if len(old) + len(new) > MIDDLE_UP_TO:
         return [(-1, old), (1, new)]
-    return _by_tokens(old.splitlines(keepends=True), new.splitlines(keepends=True), _words)
+    return _by_tokens(_pieces(old), _pieces(new), _words)
+
+
+def _pieces(text: str) -> list[str]:
+    """Lines, and long lines (paragraphs, minified pages) cut after each ". ": scattered
+    edits in a page of long paragraphs then fall in small replaced blocks. (str.split, not a
+    regular expression: this runs on every large change.)"""
+    lines = text.splitlines(keepends=True)
+    if all(len(line) <= LONG_LINE for line in lines):
+        return lines
+    out: list[str] = []
+    for line in lines:
+        if len(line) <= LONG_LINE:
+            out.append(line)
+            continue
+        parts = line.split(". ")
+        pieces = [". "] * (2 * len(parts) - 1)
+        pieces[::2] = parts
+        out += filter(None, pieces) if "" in parts else pieces
+    return out
+
+
+def _trimmed(old: str, new: str, inner) -> list[tuple[int, str]]:
+    """`inner` on what lies between the common prefix and suffix of a replaced block: a
+    paragraph with one word changed is a few characters to diff, not a paragraph of words."""
+    head = _common_prefix(old, new)
+    tail = _common_suffix(old, new, min(len(old), len(new)) - head)
+    result = [(0, old[:head])] if head else []
+    result += inner(old[head : len(old) - tail], new[head : len(new) - tail])
+    if tail:
+        result.append((0, old[len(old) - tail :]))
+    return result
 
 
 def _words(old: str, new: str) -> list[tuple[int, str]]:
+    return _trimmed(old, new, _words_middle)
+
+
+def _words_middle(old: str, new: str) -> list[tuple[int, str]]:
+    if not old or not new:
+        return [(op, text) for op, text in ((-1, old), (1, new)) if text]
     if len(old) + len(new) <= CHARS_UP_TO:
         return _chars(old, new)
     if len(old) + len(new) > WORDS_UP_TO:
-        return [(op, text) for op, text in ((-1, old), (1, new)) if text]
+        return [(-1, old), (1, new)]
     return _by_tokens(_WORDS.findall(old), _WORDS.findall(new), _refine)
 
 
 def _refine(old: str, new: str) -> list[tuple[int, str]]:
-    if len(old) + len(new) <= CHARS_UP_TO:
+    return _trimmed(old, new, _refine_middle)
+
+
+def _refine_middle(old: str, new: str) -> list[tuple[int, str]]:
+    if old and new and len(old) + len(new) <= CHARS_UP_TO:
         return _chars(old, new)
     return [(op, text) for op, text in ((-1, old), (1, new)) if text]
 
@@ -193,18 +247,26 @@ UTF16_FORM = b"\x01"
 def make(
     old: str, new: str, old_bytes: bytes | None = None, new_bytes: bytes | None = None
 ) -> bytes:
-    """The delta that turns `old` into `new`, in the stored form (bytes)."""
-    ops: list[bytes] = []
+    """The delta that turns `old` into `new`, in the stored form (bytes): the operations of
+    `diff`, merged the same way, each counted in UTF-8 bytes."""
+    counts: list[list[int]] = []  # [op, bytes]
     inserted: list[bytes] = []
-    for op, text in diff(old, new, old_bytes, new_bytes):
+    for op, text, size in _sized(old, new, old_bytes, new_bytes):
         if op == 1:
             piece = text.encode("utf-8")
-            ops.append(b"+%d" % len(piece))
             inserted.append(piece)
-        else:
+            size = len(piece)
+        elif size is None:
             size = len(text) if text.isascii() else len(text.encode("utf-8"))
-            ops.append((b"=%d" if op == 0 else b"-%d") % size)
-    return UTF8_FORM + b"\t".join(ops) + b"\x00" + b"".join(inserted)
+        if counts and counts[-1][0] == op:
+            counts[-1][1] += size
+        else:
+            counts.append([op, size])
+    ops = b"\t".join(b"%s%d" % (_SIGN[op], size) for op, size in counts)
+    return UTF8_FORM + ops + b"\x00" + b"".join(inserted)
+
+
+_SIGN = {0: b"=", -1: b"-", 1: b"+"}
 
 
 def to_dmp(old: str, stored: bytes | str) -> str:
