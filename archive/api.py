@@ -35,7 +35,7 @@ from .events import (
     Event,
     hash_event,
 )
-from .replay import ContentCache, load, load_one, load_with
+from .replay import ContentCache, load, load_one
 from .store import Cursor, Store, contents, doc_names, documents, events
 
 TimeLike = int | str | datetime
@@ -399,7 +399,15 @@ class Archive:
                     f"{key!r} was deleted at {timeparse.show(found.effective_at)}"
                 )
             assert found.content_id is not None
-            return Snapshot(found, load_one(cur, found.content_id, self.cache))
+            return Snapshot(found, self._read(cur, found.doc_id, found.content_id))
+
+    def _read(self, cur: Cursor, doc_id: int, content_id: int) -> bytes:
+        """A content of a document, verified. From a document's second read that misses the
+        cache on, its delta rows are read in one query and replays walk them in memory."""
+        cache = self.cache
+        if not cache.checked(content_id) and cache.second_miss(doc_id):
+            cache.keep_rows(cur.execute(_DOC_CONTENTS, {"doc": doc_id}))
+        return load_one(cur, content_id, cache)
 
     @contextmanager
     def reader(self, *, known_at: TimeLike | None = None) -> Iterator[Reader]:
@@ -610,7 +618,6 @@ class Reader:
     def __init__(self, arc: Archive, cur: Cursor, known_at: int | None):
         self.arc, self.cur, self.known_at = arc, cur, known_at
         self._timelines: dict[str, tuple[list[int], list[Any]] | None] = {}
-        self._contents: dict[int, Any] = {}  # stored rows of the documents with timelines
         self._seen: set[str] = set()
         self._rows = 0
 
@@ -628,11 +635,7 @@ class Reader:
             self._rows += len(rows)
             if self._rows > self.TIMELINE_ROWS:
                 self._timelines.clear()
-                self._contents.clear()
                 self._rows = len(rows)
-            for row in self.cur.execute(_DOC_CONTENTS, {"doc": doc_id}).fetchall():
-                if row[5] is not None:
-                    self._contents[row[0]] = row
         self._timelines[key] = timeline
         return timeline
 
@@ -661,8 +664,7 @@ class Reader:
                 found = rows[index] = _event(found)  # built once per version read
         if found is None or found.content_id is None:  # absent, or a deletion
             return None
-        cache = self.arc.cache
-        return Snapshot(found, load_with(self.cur, found.content_id, cache, self._contents))
+        return Snapshot(found, self.arc._read(self.cur, found.doc_id, found.content_id))
 
 
 def _rename(
@@ -812,6 +814,10 @@ class _BatchWriter:
     def publish(self) -> None:
         for content_id, (data, _text) in self.fresh.items():
             self.arc.cache.put(content_id, data)
+        self.arc.cache.keep_rows(
+            (r["id"], r["sha256"], r["size"], r["base_id"], r["codec"], r["data"])
+            for r in self.new_contents
+        )
 
     # -- reading what the batch needs, in a few queries --------------------------------------
 

@@ -20,34 +20,101 @@ from .store import Cursor
 
 
 class ContentCache:
-    """A byte-bounded LRU of verified contents, keyed by content id (immutable rows)."""
+    """What replay keeps between reads, all of it derived from immutable rows:
+
+    - rebuilt contents in a byte-bounded LRU, keyed by content id. A content a read asked for
+      is verified (its size and SHA-256 checked); the contents a replay passed through on its
+      way up the chain are kept too, marked unchecked: they serve as bases at once (the result
+      built on them is checked, always), and are checked before they are ever returned.
+    - the stored rows of deltas already read, decompressed (a few dozen bytes each), so that a
+      chain reaching a cached content is walked in memory instead of asked of the database.
+    """
 
     def __init__(self, budget: int = 64 << 20):
         self.budget = budget
         self.used = 0
         self._items: OrderedDict[int, bytes] = OrderedDict()
+        self._unchecked: set[int] = set()
+        self.rows: dict[int, Any] = {}
+        self._rows_used = 0
+        self._misses: dict[int, int] = {}  # per document: reads the cache could not answer
 
     def get(self, content_id: int) -> bytes | None:
+        """A cached content, checked or not: fit to be a base, not to be returned."""
         item = self._items.get(content_id)
         if item is not None:
             self._items.move_to_end(content_id)
         return item
 
+    def checked(self, content_id: int) -> bool:
+        return content_id in self._items and content_id not in self._unchecked
+
     def holds(self, content_id: int) -> bool:
         return content_id in self._items
 
-    def put(self, content_id: int, item: bytes) -> None:
-        if len(item) > self.budget // 4 or content_id in self._items:
+    def put(self, content_id: int, item: bytes, *, checked: bool = True) -> None:
+        if content_id in self._items:
+            if checked:
+                self._unchecked.discard(content_id)
+            return
+        if len(item) > self.budget // 4:
             return
         self._items[content_id] = item
+        if not checked:
+            self._unchecked.add(content_id)
         self.used += len(item)
         while self.used > self.budget:
-            _, old = self._items.popitem(last=False)
+            old_id, old = self._items.popitem(last=False)
+            self._unchecked.discard(old_id)
             self.used -= len(old)
+
+    def forget_unchecked(self) -> None:
+        """Drop every unchecked content (after a replay built on one failed its check)."""
+        for content_id in self._unchecked:
+            self.used -= len(self._items.pop(content_id))
+        self._unchecked.clear()
+
+    def keep_rows(self, rows: Iterable[Any]) -> None:
+        """Remember stored delta rows, decompressed (keyframes are remembered rebuilt, by
+        `put`). Past a quarter of the budget the rows are all dropped: cheaper than an LRU
+        per row. A row that cannot be decompressed is not kept: replay reports it."""
+        for row in rows:
+            data = row[_DATA]
+            if row[_BASE] is None or data is None or len(data) > _ROW_UP_TO:
+                continue
+            if row[_ID] in self.rows:
+                continue
+            try:
+                payload = content.unpack(row[_CODEC], data)
+            except (ValueError, zlib.error):
+                continue
+            if self._rows_used > self.budget // 4:
+                self.rows.clear()
+                self._rows_used = 0
+                self._misses.clear()  # documents may have their rows read again
+            self.rows[row[_ID]] = (row[_ID], row[_SHA], row[_SIZE], row[_BASE], content.RAW,
+                                   payload)
+            self._rows_used += len(payload) + _ROW_OVERHEAD
+
+    def second_miss(self, doc_id: int) -> bool:
+        """True at a document's second read that the cache cannot answer: the time to read
+        all its delta rows at once (one read alone, as `archive show`, never pays for it)."""
+        misses = self._misses.get(doc_id, 0)
+        if misses < 2:
+            self._misses[doc_id] = misses + 1
+        return misses == 1
 
     def clear(self) -> None:
         self._items.clear()
+        self._unchecked.clear()
         self.used = 0
+        self.rows.clear()
+        self._rows_used = 0
+        self._misses.clear()
+
+
+_ROW_UP_TO = 64 << 10  # larger deltas are read again when needed
+_ROW_OVERHEAD = 200  # bytes a kept row costs beyond its data (tuple, ints, hash)
 
 
 # Contents and their bases down to the keyframes. Several chains may share bases, so ids are
@@ -80,50 +147,62 @@ _ID, _SHA, _SIZE, _BASE, _CODEC, _DATA = range(6)
 
 
 def load(cur: Cursor, ids: Iterable[int], cache: ContentCache) -> dict[int, bytes]:
-    """The verified contents of `ids`, rebuilt with as few queries as the cache allows."""
-    wanted = list(dict.fromkeys(ids))
+    """The verified contents of `ids`, rebuilt with as few queries as the cache allows
+    (export, versions): chains are fetched 500 at a time, and kept only for this call."""
     found: dict[int, bytes] = {}
     missing = []
-    for content_id in wanted:
-        hit = cache.get(content_id)
-        if hit is None:
+    for content_id in dict.fromkeys(ids):
+        if cache.checked(content_id):
+            found[content_id] = cache.get(content_id)  # type: ignore[assignment]
+            continue
+        walked = _walk(content_id, cache)
+        if walked is None:
             missing.append(content_id)
         else:
-            found[content_id] = hit
+            found[content_id] = _rebuild_checked(cur, content_id, walked, cache)
     for start in range(0, len(missing), 500):
         chunk = missing[start : start + 500]
-        if len(chunk) == 1:
-            rows_ = cur.execute(_CHAIN_ONE, {"id": chunk[0]}).fetchall()
-        else:
-            fragment, params = Cursor.in_list("i", chunk)
-            rows_ = cur.execute(_CHAIN.format(ids=fragment), params).fetchall()
-        rows = {row[_ID]: row for row in rows_}
+        fragment, params = Cursor.in_list("i", chunk)
+        rows = {row[_ID]: row for row in cur.execute(_CHAIN.format(ids=fragment), params)}
         for content_id in chunk:
-            found[content_id] = _rebuild(content_id, rows, cache)
+            found[content_id] = _rebuild_checked(cur, content_id, rows, cache)
     return found
 
 
 def load_one(cur: Cursor, content_id: int, cache: ContentCache) -> bytes:
-    hit = cache.get(content_id)
-    if hit is not None:
-        return hit
-    rows = {row[_ID]: row for row in cur.execute(_CHAIN_ONE, {"id": content_id}).fetchall()}
-    return _rebuild(content_id, rows, cache)
+    """The verified content of one id (the hot path of a read): from the cache, or walked in
+    memory to a cached ancestor, or with its chain fetched in one query."""
+    if cache.checked(content_id):
+        return cache.get(content_id)  # type: ignore[return-value]
+    walked = _walk(content_id, cache)
+    if walked is None:
+        walked = _fetch(cur, content_id, cache)
+    return _rebuild_checked(cur, content_id, walked, cache)
 
 
-def load_with(cur: Cursor, content_id: int, cache: ContentCache, rows: dict[int, Any]) -> bytes:
-    """`load_one`, taking chain rows from `rows` (fetched ahead by the caller) when they
-    reach a cached content or a keyframe, else from storage."""
-    hit = cache.get(content_id)
-    if hit is not None:
-        return hit
+def _fetch(cur: Cursor, content_id: int, cache: ContentCache) -> dict[int, Any]:
+    """The chain of one content from storage, its delta rows kept by the cache."""
+    fetched = cur.execute(_CHAIN_ONE, {"id": content_id}).fetchall()
+    cache.keep_rows(fetched)
+    kept = cache.rows  # the same rows, decompressed once
+    return {row[_ID]: kept.get(row[_ID], row) for row in fetched}
+
+
+def _walk(content_id: int, cache: ContentCache) -> dict[int, Any] | None:
+    """The remembered rows from `content_id` down to a cached content (the first row is
+    always included: it is what the result is checked against), or None where one is not
+    remembered (then the chain comes from storage)."""
+    rows = cache.rows
+    walked: dict[int, Any] = {}
     current: int | None = content_id
-    while current is not None and not cache.holds(current):
+    while True:
         row = rows.get(current)
         if row is None or not _older_base(row):
-            return load_one(cur, content_id, cache)
+            return None
+        walked[current] = row
         current = row[_BASE]
-    return _rebuild(content_id, rows, cache)
+        if current is None or cache.holds(current):
+            return walked
 
 
 def rebuild_row(cur: Cursor, row: Any, cache: ContentCache) -> bytes:
@@ -133,23 +212,44 @@ def rebuild_row(cur: Cursor, row: Any, cache: ContentCache) -> bytes:
     base_id = row[_BASE]
     if base_id is not None and cache.get(base_id) is None:
         return load_one(cur, row[_ID], cache)  # the whole chain from storage
-    return _rebuild(row[_ID], {row[_ID]: row}, cache)
+    return _rebuild_checked(cur, row[_ID], {row[_ID]: row}, cache)
+
+
+class _UncheckedBase(Exception):
+    """A replay built on an unchecked cached content did not match: that content may be
+    wrong, so the chain is replayed again from storage."""
+
+
+def _rebuild_checked(cur: Cursor, content_id: int, rows: dict[int, Any], cache: ContentCache):
+    try:
+        return _rebuild(content_id, rows, cache)
+    except _UncheckedBase:
+        cache.forget_unchecked()
+        return _rebuild(content_id, _fetch(cur, content_id, cache), cache)
 
 
 def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> bytes:
-    # Walk down to the nearest cached ancestor or keyframe, then apply the deltas upwards in
-    # one pass and check the result's size and SHA-256. Only on a mismatch is the chain
-    # replayed step by step, to name the content that is damaged.
+    # Walk down to the nearest cached ancestor or keyframe, apply the deltas upwards and
+    # check the result's size and SHA-256; the contents passed on the way are cached,
+    # unchecked. Only on a mismatch is the chain replayed step by step, each step checked,
+    # to name the content that is damaged.
     chain = []
     current: int | None = content_id
     base: bytes | None = None
+    base_checked = True
     while current is not None:
         base = cache.get(current)
-        if base is not None:
+        if base is not None and (chain or cache.checked(current)):
+            base_checked = cache.checked(current)
             break
         row = rows.get(current)
         if row is None or not _older_base(row):
             raise Damaged(f"content {content_id}: its delta chain is broken at content {current}")
+        if base is not None:  # the content itself, cached unchecked: check it now
+            if _matches(row, base):
+                cache.put(current, base)
+                return base
+            raise _UncheckedBase
         if row[_BASE] is None:
             base = _keyframe(row)
             cache.put(row[_ID], base)
@@ -160,16 +260,27 @@ def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> byte
     if not chain:
         return base
     chain.reverse()
+    data: bytes | None = base
+    passed = []
     try:
-        data = delta.apply_chain(base, [content.unpack(row[_CODEC], row[_DATA]) for row in chain])
+        for row in chain:
+            data = delta.apply_chain(data, [content.unpack(row[_CODEC], row[_DATA])])
+            passed.append(data)
     except (ValueError, UnicodeDecodeError, zlib.error):
         data = None
-    if data is not None:
-        top = chain[-1]
-        if len(data) == top[_SIZE] and content.sha256(data) == bytes(top[_SHA]):
-            cache.put(top[_ID], data)
-            return data
+    top = chain[-1]
+    if data is not None and _matches(top, data):
+        for row, step in zip(chain[:-1], passed, strict=False):
+            cache.put(row[_ID], step, checked=False)
+        cache.put(top[_ID], data)
+        return data
+    if not base_checked:
+        raise _UncheckedBase
     return _rebuild_stepwise(base, chain, cache)
+
+
+def _matches(row: Any, data: bytes) -> bool:
+    return len(data) == row[_SIZE] and content.sha256(data) == bytes(row[_SHA])
 
 
 def _rebuild_stepwise(base: bytes, chain: list[Any], cache: ContentCache) -> bytes:

@@ -942,3 +942,39 @@ def test_a_cyclic_delta_chain_is_reported_not_followed_forever(db_url):
                 fresh.show("loop.txt", version=n)
         problems = fresh.verify()
     assert "loop.txt" in json.dumps(problems, default=str)
+
+
+def test_damage_that_a_later_delta_hides_is_still_caught(db_url):
+    """Replay keeps the contents it passes on the way up a chain, unchecked. A damaged delta
+    whose damage the next delta deletes gives a correct later version, but the damaged
+    version itself is never returned: it is checked when asked for, and verify names it."""
+    base = seed("000")
+    t0 = us("2020-01-02T10:00:00Z")
+    with Archive(db_url) as arc:
+        for i, tail in enumerate([b"", b"INSERTED-PARAGRAPH", b"tail2"]):
+            arc.record("victim.txt", base + tail, at=t0 + i)
+        arc.record("donor.txt", base, at=t0)
+        arc.record("donor.txt", base + b"XNSERTED-PARAGRAPH", at=t0 + 1)
+        victim, donor = arc.history("victim.txt"), arc.history("donor.txt")
+    rows = content_rows(db_url)
+    assert donor[0].content_id == victim[0].content_id  # one content, stored once
+    assert rows[victim[1].content_id]["base_id"] == victim[0].content_id
+    assert rows[donor[1].content_id]["base_id"] == victim[0].content_id
+    assert rows[victim[2].content_id]["base_id"] == victim[1].content_id
+    # victim's v2 now holds the donor's delta: same operations, other inserted text
+    raw_sql(
+        db_url,
+        f"UPDATE contents SET data = (SELECT data FROM contents WHERE id = "
+        f"{donor[1].content_id}), codec = (SELECT codec FROM contents WHERE id = "
+        f"{donor[1].content_id}) WHERE id = {victim[1].content_id}",
+        bypass=("contents",),
+    )
+    with Archive(db_url) as fresh:
+        assert fresh.show("victim.txt", version=3).data == base + b"tail2"
+        with pytest.raises(Damaged):
+            fresh.show("victim.txt", version=2)
+        with pytest.raises(Damaged):
+            fresh.show("victim.txt", at=t0 + 1)
+        assert fresh.show("victim.txt", version=3).data == base + b"tail2"
+        problems = fresh.verify()
+    assert any(p.get("document") == "victim.txt" and p.get("seq") == 2 for p in problems)
