@@ -59,14 +59,18 @@ class ContentCache:
             return
         if len(item) > self.budget // 4:
             return
-        self._items[content_id] = item
-        if not checked:
-            self._unchecked.add(content_id)
-        self.used += len(item)
-        while self.used > self.budget:
+        while self.used + len(item) > self.budget:
             old_id, old = self._items.popitem(last=False)
             self._unchecked.discard(old_id)
             self.used -= len(old)
+        self._items[content_id] = item
+        self.used += len(item)
+        if not checked:
+            # Passed on the way, not asked for: first to go, so a replay up a long chain
+            # (a batch walking forward in time) fills free room but never pushes out what
+            # reads asked for.
+            self._unchecked.add(content_id)
+            self._items.move_to_end(content_id, last=False)
 
     def forget_unchecked(self) -> None:
         """Drop every unchecked content (after a replay built on one failed its check)."""

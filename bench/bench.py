@@ -66,12 +66,14 @@ FULL = {
     "main": dict(docs=100, versions=100, reads=2000, batch=20000, loop=300),
     "chain": dict(docs=1, versions=5000, reads=2000, batch=5000, loop=300),
     "scale": dict(docs=1000, versions=100, reads=2000, batch=5000, loop=300),
+    "wide": dict(docs=10000, versions=10, reads=2000, batch=5000, loop=300),
     "real": dict(commits=None, reads=2000, batch=5000, loop=300),
 }
 QUICK = {
     "main": dict(docs=20, versions=25, reads=300, batch=1000, loop=40),
     "chain": dict(docs=1, versions=300, reads=300, batch=1000, loop=40),
     "scale": dict(docs=100, versions=20, reads=300, batch=1000, loop=40),
+    "wide": dict(docs=1000, versions=4, reads=300, batch=1000, loop=40),
     "real": dict(commits=120, reads=300, batch=1000, loop=40),
 }
 
@@ -961,7 +963,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small workloads (< ~2 minutes)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3; quick 2)")
-    parser.add_argument("--workload", nargs="+", choices=["main", "chain", "scale", "real"],
+    parser.add_argument("--workload", nargs="+", choices=["main", "chain", "scale", "wide", "real"],
                         default=None, help="default: main chain real")
     parser.add_argument("--keep", action="store_true", help="keep bench/.work/ afterwards")
     parser.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)

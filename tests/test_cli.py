@@ -545,6 +545,42 @@ def test_show_batch_answers_every_line_like_show(db_url, lib, tmp_path):
     assert "line 1" in one_line(fails(bad, 2))
 
 
+def test_show_batch_as_a_co_process_answers_each_line_before_the_next(db_url, lib, tmp_path):
+    """A script that writes one line and waits for its answer gets it at once (no deadlock),
+    line after line; lines before a bad one are answered before the error ends the run."""
+    import selectors
+
+    versions = [seed("000")[: 1000 * (n + 1)] for n in range(4)]
+    t0 = datetime(2020, 1, 2, 10, tzinfo=UTC)
+    for n, data in enumerate(versions):
+        lib.record("a.txt", data, at=t0 + timedelta(hours=n))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "archive", "--db", db_url, "show", "--batch"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+    )
+    assert proc.stdin and proc.stdout
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        for n in (3, 0, 2, 1, 3):
+            proc.stdin.write(f"a.txt\t{(t0 + timedelta(hours=n)).isoformat()}\n".encode())
+            proc.stdin.flush()
+            assert selector.select(timeout=30), "no answer to a single line within 30 s"
+            header = proc.stdout.readline().split()
+            assert header == [sha_hex(versions[n]).encode(), b"%d" % len(versions[n]), b"a.txt"]
+            assert proc.stdout.read(len(versions[n]) + 1) == versions[n] + b"\n"
+        proc.stdin.write(b"none.txt\t\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"none.txt missing\n"
+    finally:
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+    lines = b"a.txt\t2020-01-02T10:30:00Z\na.txt\tnot a time\na.txt\t\n"
+    result = run_cli("show", "--batch", db=db_url, cwd=tmp_path, input=lines)
+    assert "line 2" in one_line(fails(result, 2))
+    assert _batch_answers(result.stdout) == [("a.txt", sha_hex(versions[0]), versions[0])]
+
+
 def test_show_known_at(db_url, lib, tmp_path):
     lib.record("k.txt", b"what we knew\n", at="2020-01-02T10:00:00Z")
     time.sleep(0.01)
