@@ -484,12 +484,6 @@ class Archive:
         """The high-water position and, per document that existed at `at`, the event in
         effect (its `content_id` names the bytes), ordered by key."""
         at_us, known = to_us(at), to_us(known_at)
-        with self.store.read() as conn:
-            return self._corpus(conn, at_us, known)
-
-    def _corpus(
-        self, conn: Connection, at_us: int | None, known: int | None
-    ) -> tuple[int, list[Event]]:
         conds, params = ["x.doc_id = d.id"], {}
         if at_us is not None:
             conds.append("x.effective_at <= :at")
@@ -509,18 +503,19 @@ class Archive:
             WHERE e.type != :deleted ORDER BY e.key
         """
         params["deleted"] = TYPE_CODES[DELETED]
-        rows = [_event(r) for r in conn.execute(text(sql), params)]
         high = "SELECT max(position) FROM events"
         if known is not None:
             high += " WHERE recorded_at <= :known"
-        position = conn.execute(text(high), {"known": known}).scalar() or 0
-        return position, rows
+        with self.store.snapshot() as cur:  # driver level: thousands of rows
+            rows = [_event(r) for r in cur.execute(sql, params).fetchall()]
+            position = cur.execute(high, {"known": known} if known is not None else {})
+            return position.fetchone()[0] or 0, rows
 
     def read_contents(self, content_ids: Sequence[int]) -> dict[int, bytes]:
-        """Verified bytes for content ids (as returned by `corpus`)."""
-        with self.store.read() as conn:
-            cur = self.store.cursor(conn)
-            return load(cur, content_ids, self.cache)
+        """Verified bytes for content ids (as returned by `corpus`), read in bulk: what is
+        cached is used, nothing is added to the cache (an export reads each content once)."""
+        with self.store.snapshot() as cur:
+            return load(cur, content_ids, self.cache, keep=False)
 
     def log(
         self,

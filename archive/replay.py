@@ -150,9 +150,15 @@ _CHAIN_ONE = """
 _ID, _SHA, _SIZE, _BASE, _CODEC, _DATA = range(6)
 
 
-def load(cur: Cursor, ids: Iterable[int], cache: ContentCache) -> dict[int, bytes]:
+def load(
+    cur: Cursor, ids: Iterable[int], cache: ContentCache, *, keep: bool = True
+) -> dict[int, bytes]:
     """The verified contents of `ids`, rebuilt with as few queries as the cache allows
-    (export, versions): chains are fetched 500 at a time, and kept only for this call."""
+    (export, versions): chains are fetched 500 at a time, and kept only for this call.
+    With keep=False the results go to no cache (an export reads each content once): a
+    private cache holds bases while they are needed."""
+    if not keep:
+        cache = _Overlay(cache)
     found: dict[int, bytes] = {}
     missing = []
     for content_id in dict.fromkeys(ids):
@@ -217,6 +223,37 @@ def rebuild_row(cur: Cursor, row: Any, cache: ContentCache) -> bytes:
     if base_id is not None and cache.get(base_id) is None:
         return load_one(cur, row[_ID], cache)  # the whole chain from storage
     return _rebuild_checked(cur, row[_ID], {row[_ID]: row}, cache)
+
+
+class _Overlay(ContentCache):
+    """A cache that reads through to another and keeps its own additions, for one bulk
+    load: the shared cache is neither filled nor churned by contents read once."""
+
+    def __init__(self, under: ContentCache):
+        super().__init__(min(under.budget, 16 << 20))
+        self.under = under
+        self.rows = under.rows
+
+    def get(self, content_id: int) -> bytes | None:
+        own = super().get(content_id)
+        return own if own is not None else self.under.get(content_id)
+
+    def checked(self, content_id: int) -> bool:
+        return super().checked(content_id) or self.under.checked(content_id)
+
+    def holds(self, content_id: int) -> bool:
+        return super().holds(content_id) or self.under.holds(content_id)
+
+    def put(self, content_id: int, item: bytes, *, checked: bool = True) -> None:
+        if checked:  # what a bulk load passes on the way up a chain is not needed again
+            super().put(content_id, item)
+
+    def keep_rows(self, rows: Iterable[Any]) -> None:
+        pass  # a bulk load's rows are used once
+
+    def forget_unchecked(self) -> None:
+        super().forget_unchecked()
+        self.under.forget_unchecked()
 
 
 class _UncheckedBase(Exception):

@@ -729,6 +729,11 @@ def export_both(p: Prepared, db: Path, repo: Path, rnd: Path) -> dict[str, float
         last = max(o for v in p.timeline.keys.values() for (t, o, _b, _s) in v if t <= mid)
         commit = marks[f":{last + 1}"]
     git_s, _ = timed(["git", "-C", str(repo), "archive", "-o", str(rnd / "git.tar"), commit])
+    # The folder's peer: git archive unpacked by tar, as one pipeline (a folder of files
+    # costs both sides the same file-system work).
+    (rnd / "git-dir").mkdir()
+    git_dir_s, _ = timed(["sh", "-c", 'git -C "$0" archive "$1" | tar -x -C "$2"',
+                          str(repo), commit, str(rnd / "git-dir")])
     at = iso(mid * US)
     export = [*archive_cmd(), "--db", str(db), "export", "--at", at]
     dir_s, _ = timed([*export, "--out", str(rnd / "export-dir")])
@@ -738,7 +743,8 @@ def export_both(p: Prepared, db: Path, repo: Path, rnd: Path) -> dict[str, float
         listed = run(["git", "-C", str(repo), "ls-tree", "-r", "--name-only", commit]).stdout
         if len(manifest["documents"]) != len(listed.splitlines()):
             raise AssertionError("export and git archive hold different numbers of documents")
-    return {"git": git_s, "dir": dir_s, "tar": tar_s, "docs": len(manifest["documents"])}
+    return {"git": git_s, "git_dir": git_dir_s, "dir": dir_s, "tar": tar_s,
+            "docs": len(manifest["documents"])}
 
 
 def startup(db: Path, key: str, reps: int) -> dict[str, float]:
@@ -867,11 +873,11 @@ def bench_workload(name: str, args: argparse.Namespace, rows: list[Row]) -> None
             br.archive.append(ba)
         log(f"[{name}]   export")
         ex = export_both(p, a["db"], g["repo"], rnd)
-        for fmt in ("dir", "tar"):
-            er = row(f"export s, {ex['docs']:,} docs (git archive | export {fmt})",
-                     target="<= 2x" if fmt == "dir" else "", higher_better=False,
-                     fmt="{:,.3f}")
-            er.git.append(ex["git"])
+        for fmt, peer, label in (("tar", "git", "git archive"),
+                                 ("dir", "git_dir", "git archive | tar -x")):
+            er = row(f"export s, {ex['docs']:,} docs ({label} | export {fmt})",
+                     target="<= 2x", higher_better=False, fmt="{:,.3f}")
+            er.git.append(ex[peer])
             er.archive.append(ex[fmt])
         if name == ("main" if "main" in args.workload else args.workload[0]):
             log(f"[{name}]   start-up")
