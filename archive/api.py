@@ -776,6 +776,19 @@ _INSERT_EVENT = (
 )
 
 
+# Other bases tried for a large change, and what counts as large: a delta above an eighth of
+# the new text (and above a few hundred bytes, where a delta is cheap whatever its base).
+BASES_TRIED = 4
+_RECENT_CONTENTS = (
+    "SELECT content_id FROM events WHERE doc_id = :doc AND content_id IS NOT NULL"
+    " ORDER BY seq DESC LIMIT 16"
+)
+
+
+def _large(row: dict[str, Any], data: bytes) -> bool:
+    return len(row["data"]) > 256 and len(row["data"]) * 8 > len(data)
+
+
 class _BatchWriter:
     """One write transaction recording a batch: decisions in memory, inserts in bulk.
 
@@ -882,7 +895,7 @@ class _BatchWriter:
             doc = self._new_doc(v.key)
         if known is None:
             base = current if current is not None else doc.content_id
-            known = self._new_content(bytes(v.data), sha, base)
+            known = self._new_content(bytes(v.data), sha, base, doc)
         kind = MODIFIED if current is not None else CREATED
         return Recorded(v.key, kind, self._append(doc, kind, at, known, v.meta))
 
@@ -892,11 +905,18 @@ class _BatchWriter:
         self.docs[key] = doc
         return doc
 
-    def _new_content(self, data: bytes, sha: bytes, base_id: int | None) -> _ContentState:
+    def _new_content(
+        self, data: bytes, sha: bytes, base_id: int | None, doc: _DocState
+    ) -> _ContentState:
         as_text = content.delta_text(data)
         row: dict[str, Any] | None = None
-        if as_text is not None and base_id is not None:
+        room = base_id is not None and (
+            self._content_by_id(base_id).depth < self.arc.keyframe_interval
+        )
+        if as_text is not None and base_id is not None and room:
             row = self._delta_row(as_text, data, base_id)
+            if row is None or _large(row, data):  # a full chain ends in a keyframe, always
+                row = self._better_base(doc, as_text, data, base_id, row)
         if row is None:
             codec, blob = content.pack(data)
             row = {"base_id": None, "depth": 0, "codec": codec, "data": blob}
@@ -918,7 +938,7 @@ class _BatchWriter:
         if fresh is not None:
             base_data, base_text = fresh
         else:
-            base_data = load_one(self.cur, base_id, self.arc.cache)
+            base_data = self._bytes(base_id)
             base_text = content.delta_text(base_data)
         if base_text is None:
             return None
@@ -929,6 +949,38 @@ class _BatchWriter:
         if len(blob) * 3 >= len(data) and len(blob) >= len(content.pack(data)[1]):
             return None
         return {"base_id": base_id, "depth": base_state.depth + 1, "codec": codec, "data": blob}
+
+    def _better_base(
+        self, doc: _DocState, new_text: str, data: bytes, tried: int, best: dict | None
+    ) -> dict[str, Any] | None:
+        """A large change (a page back from an error stub, a section restored) is often
+        small against an earlier version: the document's last few other contents are tried
+        as bases and the smallest delta kept. Decided by the stored history alone."""
+        recent: list[int] = []
+        if not doc.is_new:
+            rows = self.cur.execute(_RECENT_CONTENTS, {"doc": doc.id}).fetchall()
+            recent = [r[0] for r in rows]
+        recent += [cid for _seq, _at, cid in reversed(self.pending.get(doc.id, []))
+                   if cid is not None]
+        # Diffs of large changes are the costly ones: the candidates are ranked by the bytes
+        # their common prefix and suffix leave over, and only a clearly closer one is diffed.
+        ranked = []
+        for candidate in list(dict.fromkeys(c for c in recent if c != tried))[:BASES_TRIED]:
+            if self._content_by_id(candidate).depth < self.arc.keyframe_interval:
+                ranked.append((delta.changed_bytes(self._bytes(candidate), data), candidate))
+        if not ranked:
+            return best
+        distance, closest = min(ranked)
+        if distance * 2 > delta.changed_bytes(self._bytes(tried), data):
+            return best
+        row = self._delta_row(new_text, data, closest)
+        if row is not None and (best is None or len(row["data"]) < len(best["data"])):
+            return row
+        return best
+
+    def _bytes(self, content_id: int) -> bytes:
+        fresh = self.fresh.get(content_id)
+        return fresh[0] if fresh is not None else load_one(self.cur, content_id, self.arc.cache)
 
     def _append(
         self,

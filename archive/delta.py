@@ -30,6 +30,9 @@ WORDS_UP_TO = 64_000
 # writer then stores a keyframe (the delta is not smaller than the full copy).
 MIDDLE_UP_TO = 4_000_000
 _WORDS = re.compile(r"\s+|\S+")
+# A replaced block is diffed by words only while (words before) x (words after) stays below
+# this: the cost of a diff grows with the product when the block was rewritten.
+WORD_PAIRS = 16_000_000
 # Lines longer than this are diffed as sentences.
 LONG_LINE = 400
 
@@ -77,6 +80,14 @@ def _sized(
     if tail_chars:
         result.append((0, old[len(old) - tail_chars :], tail))
     return result
+
+
+def changed_bytes(old: bytes, new: bytes) -> int:
+    """Bytes outside the common prefix and suffix of two versions: a cheap estimate of how
+    far apart they are (memcmp speed), to choose a base before diffing against it."""
+    head = _common_prefix(old, new)
+    tail = _common_suffix(old, new, min(len(old), len(new)) - head)
+    return len(old) + len(new) - 2 * (head + tail)
 
 
 def _merged(diffs: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -172,7 +183,10 @@ def _words_middle(old: str, new: str) -> list[tuple[int, str]]:
         return _chars(old, new)
     if len(old) + len(new) > WORDS_UP_TO:
         return [(-1, old), (1, new)]
-    return _by_tokens(_WORDS.findall(old), _WORDS.findall(new), _refine)
+    a, b = _WORDS.findall(old), _WORDS.findall(new)
+    if len(a) * len(b) > WORD_PAIRS:  # a rewrite: O(N·D) would take a second for little
+        return [(-1, old), (1, new)]
+    return _by_tokens(a, b, _refine)
 
 
 def _refine(old: str, new: str) -> list[tuple[int, str]]:

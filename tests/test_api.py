@@ -978,3 +978,22 @@ def test_damage_that_a_later_delta_hides_is_still_caught(db_url):
         assert fresh.show("victim.txt", version=3).data == base + b"tail2"
         problems = fresh.verify()
     assert any(p.get("document") == "victim.txt" and p.get("seq") == 2 for p in problems)
+
+
+def test_a_page_back_from_an_error_stub_is_a_small_delta_on_the_page_before(db_url):
+    """A page that briefly became an error stub and then came back (slightly edited) is
+    stored as a small delta against the page before the stub, not as a full copy."""
+    page = seed("002")
+    back = page.replace(b"Iran", b"IRAN", 3)
+    t0 = us("2020-01-02T10:00:00Z")
+    with Archive(db_url) as arc:
+        for i, data in enumerate([page, b"503 Service Unavailable\n", back]):
+            arc.record("p.txt", data, at=t0 + i)
+        events = arc.history("p.txt")
+    rows = content_rows(db_url)
+    restored = rows[events[2].content_id]
+    assert restored["base_id"] == events[0].content_id
+    assert len(restored["data"]) < 200
+    with reader(db_url) as fresh:
+        assert fresh.show("p.txt", version=3).data == back
+        assert fresh.verify() == []
