@@ -79,26 +79,31 @@ class ContentCache:
         self._unchecked.clear()
 
     def keep_rows(self, rows: Iterable[Any]) -> None:
-        """Remember stored delta rows, decompressed (keyframes are remembered rebuilt, by
-        `put`). Past a quarter of the budget the rows are all dropped: cheaper than an LRU
-        per row. A row that cannot be decompressed is not kept: replay reports it."""
+        """Remember stored delta rows as read (keyframes are remembered rebuilt, by `put`);
+        a row is decompressed when a replay first uses it (`payload`). Past a quarter of the
+        budget the rows are all dropped: cheaper than an LRU per row."""
         for row in rows:
             data = row[_DATA]
             if row[_BASE] is None or data is None or len(data) > _ROW_UP_TO:
                 continue
             if row[_ID] in self.rows:
                 continue
-            try:
-                payload = content.unpack(row[_CODEC], data)
-            except (ValueError, zlib.error):
-                continue
             if self._rows_used > self.budget // 4:
                 self.rows.clear()
                 self._rows_used = 0
                 self._misses.clear()  # documents may have their rows read again
-            self.rows[row[_ID]] = (row[_ID], row[_SHA], row[_SIZE], row[_BASE], content.RAW,
-                                   payload)
-            self._rows_used += len(payload) + _ROW_OVERHEAD
+            self.rows[row[_ID]] = tuple(row)
+            self._rows_used += len(data) + _ROW_OVERHEAD
+
+    def payload(self, row: Any) -> bytes:
+        """A row's delta, decompressed; a remembered row is decompressed once."""
+        if row[_CODEC] == content.RAW:
+            return bytes(row[_DATA])
+        data = content.unpack(row[_CODEC], row[_DATA])
+        if self.rows.get(row[_ID]) is not None:
+            self.rows[row[_ID]] = (*row[:_CODEC], content.RAW, data)
+            self._rows_used += len(data) - len(row[_DATA])
+        return data
 
     def second_miss(self, doc_id: int) -> bool:
         """True at a document's second read that the cache cannot answer: the time to read
@@ -194,7 +199,7 @@ def _fetch(cur: Cursor, content_id: int, cache: ContentCache) -> dict[int, Any]:
     """The chain of one content from storage, its delta rows kept by the cache."""
     fetched = cur.execute(_CHAIN_ONE, {"id": content_id}).fetchall()
     cache.keep_rows(fetched)
-    kept = cache.rows  # the same rows, decompressed once
+    kept = cache.rows  # the same rows, as remembered (decompressed once used)
     return {row[_ID]: kept.get(row[_ID], row) for row in fetched}
 
 
@@ -305,7 +310,7 @@ def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> byte
     passed = []
     try:
         for row in chain:
-            data = delta.apply_chain(data, [content.unpack(row[_CODEC], row[_DATA])])
+            data = delta.apply_chain(data, [cache.payload(row)])
             passed.append(data)
     except (ValueError, UnicodeDecodeError, zlib.error):
         data = None
@@ -328,7 +333,7 @@ def _rebuild_stepwise(base: bytes, chain: list[Any], cache: ContentCache) -> byt
     """Each delta applied and checked on its own: raises Damaged naming the first bad one."""
     for row in chain:
         try:
-            base = delta.apply_chain(base, [content.unpack(row[_CODEC], row[_DATA])])
+            base = delta.apply_chain(base, [cache.payload(row)])
         except (ValueError, UnicodeDecodeError, zlib.error) as error:
             raise Damaged(f"content {row[_ID]}: delta does not apply: {error}") from None
         _check(row, base)

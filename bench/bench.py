@@ -60,6 +60,7 @@ BUNDLE = ROOT.parent / "shared" / "data" / "genai-eu-versions.bundle"
 T0 = 1_600_000_000  # 2020-09-13, whole seconds: git keeps no finer time
 US = 1_000_000
 BATCH = 1000  # versions per record_many call
+COLD_READS = 300  # reads with an emptied cache, per round
 
 # Sizes per workload: (documents, versions per document), reads, batch reads, loop subset.
 FULL = {
@@ -611,7 +612,18 @@ def reads_archive(p: Prepared, db: Path, pairs: list[tuple[str, int]]) -> dict[s
             if (got is not None) != want or (got is not None and
                                               hashlib.sha256(got).digest() != sha):
                 raise AssertionError(f"archive returned the wrong version of {key} at {t}")
-    return _latency(lat)
+        # Cold reads: the cache emptied before each one, so every read fetches its chain and
+        # replays it from the keyframe (how cost grows with the archive, not with hit rates).
+        cold = []
+        for key, t in pairs[:COLD_READS]:
+            arc.cache.clear()
+            started = time.perf_counter()
+            with contextlib.suppress(NotFound):
+                arc.show(key, at=t)
+            cold.append(time.perf_counter() - started)
+    result = _latency(lat)
+    result["cold_p50"] = statistics.median(cold) * 1e3
+    return result
 
 
 def reads_git(p: Prepared, repo: Path, pairs: list[tuple[str, int]]) -> dict[str, Any]:
@@ -863,6 +875,9 @@ def bench_workload(name: str, args: argparse.Namespace, rows: list[Row]) -> None
             lr.archive.append(ra[q])
             if q == "p99":
                 lr.check = lambda _r, x=lr: statistics.median(x.archive) <= 2.0
+        cold = row("cold read p50 ms (- | cache emptied before each read)",
+                   higher_better=False, fmt="{:,.3f}")
+        cold.archive.append(ra["cold_p50"])
         bpairs = read_pairs(p, size["batch"], f"batch{r}")
         bg = batch_git(p, g["repo"], bpairs)
         ba = batch_archive(p, a["db"], bpairs)
@@ -951,6 +966,34 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def render_scale(rows: list[Row]) -> str:
+    """Target 6 of issue 4: scale (1,000 documents) against main (100), archive side: the
+    ratio of each measure, within 1.3x (rates no lower than main's / 1.3)."""
+    def median(workload: str, prefix: str) -> float | None:
+        for r in rows:
+            if r.workload == workload and r.measure.startswith(prefix) and r.archive:
+                return statistics.median(r.archive)
+        return None
+
+    lines = []
+    for label, prefix, rate in (
+        ("ingest versions/s", "ingest versions/s (fast-import", True),
+        ("read latency p50 ms", "read latency p50", False),
+        ("read latency p99 ms", "read latency p99", False),
+        ("cold read p50 ms", "cold read p50", False),
+        ("peak RSS MB, ingest", "peak RSS MB (- | ingest)", False),
+        ("peak RSS MB, verify", "peak RSS MB (- | verify)", False),
+    ):
+        main, scale = median("main", prefix), median("scale", prefix)
+        if main and scale:
+            ratio = scale / main
+            ok = ratio >= 1 / 1.3 if rate else ratio <= 1.3
+            lines.append(f"  {label:<22} main {main:>10,.3f}  scale {scale:>10,.3f}  "
+                         f"scale/main {ratio:5.2f}x  {'ok' if ok else 'MISSED'}")
+    return ("scale against main (archive; target: within 1.3x):\n" + "\n".join(lines)
+            if lines else "")
+
+
 def machine() -> str:
     model = "unknown CPU"
     try:
@@ -995,6 +1038,9 @@ def main() -> None:
           f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine()}")
     print("ratio = archive / git (higher is better for rates, lower for sizes and times)")
     print(render(rows))
+    flat = render_scale(rows)
+    if flat:
+        print(flat)
     print(f"(bench took {time.perf_counter() - started:,.0f} s)")
     if failed:
         sys.exit(f"failed workloads: {', '.join(failed)}")
