@@ -910,12 +910,13 @@ class _BatchWriter:
     ) -> _ContentState:
         as_text = content.delta_text(data)
         row: dict[str, Any] | None = None
-        room = base_id is not None and (
+        # A full chain ends in a keyframe, always: other bases are tried only when the
+        # chain has room (else older bases would keep long chains from ever ending).
+        if as_text is not None and base_id is not None and (
             self._content_by_id(base_id).depth < self.arc.keyframe_interval
-        )
-        if as_text is not None and base_id is not None and room:
+        ):
             row = self._delta_row(as_text, data, base_id)
-            if row is None or _large(row, data):  # a full chain ends in a keyframe, always
+            if row is None or _large(row, data):
                 row = self._better_base(doc, as_text, data, base_id, row)
         if row is None:
             codec, blob = content.pack(data)
@@ -956,12 +957,12 @@ class _BatchWriter:
         """A large change (a page back from an error stub, a section restored) is often
         small against an earlier version: the document's last few other contents are tried
         as bases and the smallest delta kept. Decided by the stored history alone."""
-        recent: list[int] = []
+        # Newest first: this batch's own versions, then the stored ones (so the choice does
+        # not depend on how writes were batched).
+        recent = [cid for _seq, _at, cid in reversed(self.pending.get(doc.id, []))
+                  if cid is not None]
         if not doc.is_new:
-            rows = self.cur.execute(_RECENT_CONTENTS, {"doc": doc.id}).fetchall()
-            recent = [r[0] for r in rows]
-        recent += [cid for _seq, _at, cid in reversed(self.pending.get(doc.id, []))
-                   if cid is not None]
+            recent += [r[0] for r in self.cur.execute(_RECENT_CONTENTS, {"doc": doc.id})]
         # Diffs of large changes are the costly ones: the candidates are ranked by the bytes
         # their common prefix and suffix leave over, and only a clearly closer one is diffed.
         ranked = []

@@ -14,16 +14,18 @@ once; a script that pipes many lines gets them answered without a flush per line
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import timeparse
-from .errors import BadInput
+from .errors import ArchiveError, BadInput
 
 if TYPE_CHECKING:
     from .api import Archive, Reader
 
-GROUP = 512  # lines resolved together at most (their answers are held until written)
+GROUP = 512  # lines resolved together at most
+HELD = 64 << 20  # bytes of answers held between resolving a group and writing it, at most
 CHUNK = 1 << 16  # bytes read from the input at a time
+_AGAIN = object()  # an answer not held: read again when written
 
 
 def serve(arc: Archive, source: BinaryIO, sink: BinaryIO, *, known_at: int | None) -> int:
@@ -41,11 +43,14 @@ def serve(arc: Archive, source: BinaryIO, sink: BinaryIO, *, known_at: int | Non
     return answered
 
 
-def _parse(lines: list[bytes], number: int) -> tuple[list, BadInput | None]:
+def _parse(lines: list[bytes], before: int) -> tuple[list, BadInput | None]:
     """(key, time) per non-empty line, up to the first line that is not understood."""
     requests: list[tuple[str, int | None]] = []
-    for number, raw in enumerate(lines, start=number + 1):  # noqa: B020 - numbering on
-        line = raw.rstrip(b"\r\n").decode("utf-8", errors="strict")
+    for number, raw in enumerate(lines, start=before + 1):
+        try:
+            line = raw.rstrip(b"\r\n").decode("utf-8")
+        except UnicodeDecodeError:
+            return requests, BadInput(f"line {number}: not UTF-8")
         if not line:
             continue
         key, _, when = line.partition("\t")
@@ -61,7 +66,7 @@ def _groups(source: BinaryIO):
     try:
         fd = source.fileno()
     except (AttributeError, OSError):  # not a file: an in-memory stream, read as lines
-        lines = [raw for raw in source]
+        lines = list(source)
         for start in range(0, len(lines), GROUP):
             yield lines[start : start + GROUP]
         return
@@ -79,9 +84,29 @@ def _groups(source: BinaryIO):
 
 
 def _answer(reader: Reader, requests: list[tuple[str, int | None]], sink: BinaryIO) -> int:
-    found = {request: reader.at(*request) for request in sorted(set(requests), key=_order)}
+    """Resolve in (document, time) order, write in input order. Answers held in between are
+    bounded (HELD bytes; past that a request is read again when its turn comes, from the
+    cache). A request that fails ends the run after the answers to those before it."""
+    found: dict[tuple[str, int | None], Any] = {}
+    held = 0
+    for request in sorted(set(requests), key=_order):
+        try:
+            snap = reader.at(*request)
+        except ArchiveError as error:
+            found[request] = error
+            continue
+        if snap is not None and held + len(snap.data) > HELD:
+            snap = _AGAIN
+        elif snap is not None:
+            held += len(snap.data)
+        found[request] = snap
     for key, at in requests:
         snap = found[(key, at)]
+        if snap is _AGAIN:
+            snap = reader.at(key, at)
+        elif isinstance(snap, ArchiveError):
+            sink.flush()
+            raise snap
         if snap is None:
             sink.write(f"{key} missing\n".encode())
         else:

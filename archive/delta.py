@@ -137,7 +137,7 @@ def _middle(old: str, new: str) -> list[tuple[int, str]]:
     if len(old) + len(new) <= CHARS_UP_TO:
         return _chars(old, new)
     if len(old) + len(new) > MIDDLE_UP_TO:
-        return [(-1, old), (1, new)]
+        return [(op, text) for op, text in ((-1, old), (1, new)) if text]
     return _by_tokens(_pieces(old), _pieces(new), _words)
 
 
@@ -146,8 +146,6 @@ def _pieces(text: str) -> list[str]:
     edits in a page of long paragraphs then fall in small replaced blocks. (str.split, not a
     regular expression: this runs on every large change.)"""
     lines = text.splitlines(keepends=True)
-    if all(len(line) <= LONG_LINE for line in lines):
-        return lines
     out: list[str] = []
     for line in lines:
         if len(line) <= LONG_LINE:
@@ -334,9 +332,10 @@ def _apply8(buffer: bytes, delta: bytes) -> bytes:
     pieces = []
     pointer = cursor = 0
     for token in ops.split(b"\t") if ops else ():
-        op, count = token[:1], int(token[1:])
-        if count < 0:
-            raise ValueError(f"negative number in delta: {token!r}")
+        op, digits = token[:1], token[1:]
+        if not digits.isdigit():
+            raise ValueError(f"invalid number in delta: {token!r}")
+        count = int(digits)
         if op == b"=":
             pieces.append(buffer[pointer : pointer + count])
             pointer += count

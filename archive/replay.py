@@ -33,50 +33,54 @@ class ContentCache:
     def __init__(self, budget: int = 64 << 20):
         self.budget = budget
         self.used = 0
-        self._items: OrderedDict[int, bytes] = OrderedDict()
-        self._unchecked: set[int] = set()
+        self._checked: OrderedDict[int, bytes] = OrderedDict()  # least recently used first
+        # Passed on the way, not asked for, oldest first: they take free room or each
+        # other's, and go first, so a replay up a long chain (a batch walking forward in
+        # time) never pushes out what reads asked for.
+        self._passed: OrderedDict[int, bytes] = OrderedDict()
         self.rows: dict[int, Any] = {}
         self._rows_used = 0
         self._misses: dict[int, int] = {}  # per document: reads the cache could not answer
 
     def get(self, content_id: int) -> bytes | None:
         """A cached content, checked or not: fit to be a base, not to be returned."""
-        item = self._items.get(content_id)
+        item = self._checked.get(content_id)
         if item is not None:
-            self._items.move_to_end(content_id)
-        return item
+            self._checked.move_to_end(content_id)
+            return item
+        return self._passed.get(content_id)
 
     def checked(self, content_id: int) -> bool:
-        return content_id in self._items and content_id not in self._unchecked
+        return content_id in self._checked
 
     def holds(self, content_id: int) -> bool:
-        return content_id in self._items
+        return content_id in self._checked or content_id in self._passed
 
     def put(self, content_id: int, item: bytes, *, checked: bool = True) -> None:
-        if content_id in self._items:
-            if checked:
-                self._unchecked.discard(content_id)
+        if len(item) > self.budget // 4 or content_id in self._checked:
             return
-        if len(item) > self.budget // 4:
-            return
-        while self.used + len(item) > self.budget:
-            old_id, old = self._items.popitem(last=False)
-            self._unchecked.discard(old_id)
-            self.used -= len(old)
-        self._items[content_id] = item
-        self.used += len(item)
         if not checked:
-            # Passed on the way, not asked for: first to go, so a replay up a long chain
-            # (a batch walking forward in time) fills free room but never pushes out what
-            # reads asked for.
-            self._unchecked.add(content_id)
-            self._items.move_to_end(content_id, last=False)
+            if content_id in self._passed:
+                return
+            while self._passed and self.used + len(item) > self.budget:
+                self.used -= len(self._passed.popitem(last=False)[1])
+            if self.used + len(item) <= self.budget:
+                self._passed[content_id] = item
+                self.used += len(item)
+            return
+        passed = self._passed.pop(content_id, None)
+        if passed is not None:
+            self.used -= len(passed)
+        while self.used + len(item) > self.budget:
+            victims = self._passed if self._passed else self._checked
+            self.used -= len(victims.popitem(last=False)[1])
+        self._checked[content_id] = item
+        self.used += len(item)
 
     def forget_unchecked(self) -> None:
         """Drop every unchecked content (after a replay built on one failed its check)."""
-        for content_id in self._unchecked:
-            self.used -= len(self._items.pop(content_id))
-        self._unchecked.clear()
+        self.used -= sum(map(len, self._passed.values()))
+        self._passed.clear()
 
     def keep_rows(self, rows: Iterable[Any]) -> None:
         """Remember stored delta rows as read (keyframes are remembered rebuilt, by `put`);
@@ -91,7 +95,6 @@ class ContentCache:
             if self._rows_used > self.budget // 4:
                 self.rows.clear()
                 self._rows_used = 0
-                self._misses.clear()  # documents may have their rows read again
             self.rows[row[_ID]] = tuple(row)
             self._rows_used += len(data) + _ROW_OVERHEAD
 
@@ -100,9 +103,10 @@ class ContentCache:
         if row[_CODEC] == content.RAW:
             return bytes(row[_DATA])
         data = content.unpack(row[_CODEC], row[_DATA])
-        if self.rows.get(row[_ID]) is not None:
-            self.rows[row[_ID]] = (*row[:_CODEC], content.RAW, data)
-            self._rows_used += len(data) - len(row[_DATA])
+        kept = self.rows.get(row[_ID])
+        if kept is not None and kept[_CODEC] != content.RAW:
+            self.rows[row[_ID]] = (*kept[:_CODEC], content.RAW, data)
+            self._rows_used += len(data) - len(kept[_DATA])
         return data
 
     def second_miss(self, doc_id: int) -> bool:
@@ -110,12 +114,14 @@ class ContentCache:
         all its delta rows at once (one read alone, as `archive show`, never pays for it)."""
         misses = self._misses.get(doc_id, 0)
         if misses < 2:
+            if len(self._misses) > _DOCS_COUNTED:
+                self._misses.clear()
             self._misses[doc_id] = misses + 1
-        return misses == 1
+        return misses == 1  # once per document (while counted): rows dropped stay dropped
 
     def clear(self) -> None:
-        self._items.clear()
-        self._unchecked.clear()
+        self._checked.clear()
+        self._passed.clear()
         self.used = 0
         self.rows.clear()
         self._rows_used = 0
@@ -123,6 +129,7 @@ class ContentCache:
 
 
 _ROW_UP_TO = 64 << 10  # larger deltas are read again when needed
+_DOCS_COUNTED = 1 << 20  # documents whose misses are counted, at most
 _ROW_OVERHEAD = 200  # bytes a kept row costs beyond its data (tuple, ints, hash)
 
 
@@ -255,6 +262,9 @@ class _Overlay(ContentCache):
 
     def keep_rows(self, rows: Iterable[Any]) -> None:
         pass  # a bulk load's rows are used once
+
+    def payload(self, row: Any) -> bytes:
+        return self.under.payload(row)  # the rows are the shared cache's
 
     def forget_unchecked(self) -> None:
         super().forget_unchecked()

@@ -997,3 +997,24 @@ def test_a_page_back_from_an_error_stub_is_a_small_delta_on_the_page_before(db_u
     with reader(db_url) as fresh:
         assert fresh.show("p.txt", version=3).data == back
         assert fresh.verify() == []
+
+
+def test_contents_a_replay_passes_only_fill_free_room_in_the_cache():
+    """What reads asked for (checked) is never pushed out by contents a replay passed on
+    its way (unchecked); those take free room, or each other's, and go first."""
+    from archive.replay import ContentCache
+
+    cache = ContentCache(budget=400)
+    for n in range(4):
+        cache.put(n, bytes(100))  # full, all checked
+    cache.put(10, bytes(100), checked=False)
+    assert not cache.holds(10) and all(cache.checked(n) for n in range(4))
+    cache = ContentCache(budget=400)
+    cache.put(0, bytes(100))
+    for n in (10, 11, 12, 13):
+        cache.put(n, bytes(100), checked=False)  # the last one replaces the oldest passed
+    assert cache.checked(0) and cache.holds(13) and not cache.checked(13)
+    assert not cache.holds(10) and cache.holds(11)
+    assert cache.used <= cache.budget
+    cache.put(1, bytes(100))  # a checked one makes room by evicting passed ones first
+    assert cache.checked(0) and cache.checked(1) and cache.used <= cache.budget

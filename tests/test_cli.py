@@ -575,10 +575,11 @@ def test_show_batch_as_a_co_process_answers_each_line_before_the_next(db_url, li
     finally:
         proc.stdin.close()
         assert proc.wait(timeout=30) == 0
-    lines = b"a.txt\t2020-01-02T10:30:00Z\na.txt\tnot a time\na.txt\t\n"
-    result = run_cli("show", "--batch", db=db_url, cwd=tmp_path, input=lines)
-    assert "line 2" in one_line(fails(result, 2))
-    assert _batch_answers(result.stdout) == [("a.txt", sha_hex(versions[0]), versions[0])]
+    for bad in (b"a.txt\tnot a time\n", b"\xff.txt\t\n"):  # not a time; not UTF-8
+        lines = b"a.txt\t2020-01-02T10:30:00Z\n\n" + bad + b"a.txt\t\n"
+        result = run_cli("show", "--batch", db=db_url, cwd=tmp_path, input=lines)
+        assert "line 3" in one_line(fails(result, 2))
+        assert _batch_answers(result.stdout) == [("a.txt", sha_hex(versions[0]), versions[0])]
 
 
 def test_show_known_at(db_url, lib, tmp_path):
@@ -996,3 +997,26 @@ def test_seed_timeline_through_the_command(db_url, lib, tmp_path):
     assert manifest["position"] == len(steps)
     out = ok(run_cli("verify", db=db_url, cwd=tmp_path))
     assert out.strip()
+
+
+def test_show_batch_stops_at_a_damaged_document_after_the_answers_before_it(
+    db_url, lib, tmp_path
+):
+    """Answers are resolved out of order but written in input order: a damaged document
+    ends the run (exit 1, one line naming the content) after the answers to earlier lines,
+    never with an answer in its place."""
+    lib.record("a.txt", seed("000"), at="2020-01-02T10:00:00Z")
+    lib.record("z.txt", b"Z" * 40, at="2020-01-02T10:00:00Z")
+    lib.record("b.txt", b"B" * 40, at="2020-01-02T10:00:00Z")
+    victim, donor = lib.history("b.txt")[0], lib.history("z.txt")[0]
+    raw_sql(
+        db_url,
+        f"UPDATE contents SET data = (SELECT data FROM contents WHERE id = {donor.content_id})"
+        f", codec = (SELECT codec FROM contents WHERE id = {donor.content_id}) "
+        f"WHERE id = {victim.content_id}",
+        bypass=("contents",),
+    )
+    lines = b"z.txt\t\nb.txt\t\na.txt\t\n"  # sorted, a.txt is read first and b.txt fails
+    result = run_cli("show", "--batch", db=db_url, cwd=tmp_path, input=lines)
+    assert f"content {victim.content_id}" in one_line(fails(result, 1))
+    assert _batch_answers(result.stdout) == [("z.txt", sha_hex(b"Z" * 40), b"Z" * 40)]
