@@ -123,3 +123,13 @@ def raw_sql(db_url: str, *statements: str, bypass: tuple[str, ...] = ()) -> None
                 conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE TRIGGER USER")
     finally:
         engine.dispose()
+
+
+def copy_stored_blob(db_url: str, *, into: int, source: int) -> None:
+    """Damage: content `into` now holds the stored blob (data and codec) of `source`."""
+    raw_sql(
+        db_url,
+        f"UPDATE contents SET data = (SELECT data FROM contents WHERE id = {source}),"
+        f" codec = (SELECT codec FROM contents WHERE id = {source}) WHERE id = {into}",
+        bypass=("contents",),
+    )

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import raw_sql
+from conftest import copy_stored_blob, raw_sql
 from sqlalchemy import create_engine, make_url
 
 from archive import Archive, ArchiveError, BadInput, Damaged, NotFound, Version
@@ -547,13 +547,7 @@ def _two_keyframes(arc):
 
 def test_replay_fails_loudly_on_tampered_keyframe(arc, db_url):
     victim, donor = _two_keyframes(arc)
-    raw_sql(
-        db_url,
-        f"UPDATE contents SET data = (SELECT data FROM contents WHERE id = {donor.content_id})"
-        f", codec = (SELECT codec FROM contents WHERE id = {donor.content_id}) "
-        f"WHERE id = {victim.content_id}",
-        bypass=("contents",),
-    )
+    copy_stored_blob(db_url, into=victim.content_id, source=donor.content_id)
     with reader(db_url) as fresh:
         with pytest.raises(Damaged):
             fresh.show("victim.txt")
@@ -577,13 +571,7 @@ def test_replay_fails_loudly_on_a_tampered_delta_base(db_url, tmp_path):
     rows = content_rows(db_url)
     assert rows[events[-1].content_id]["base_id"] is not None
     # the keyframe at the bottom of the chain now holds other bytes of the same length
-    raw_sql(
-        db_url,
-        f"UPDATE contents SET data = (SELECT data FROM contents WHERE id = {other.content_id}),"
-        f" codec = (SELECT codec FROM contents WHERE id = {other.content_id}) "
-        f"WHERE id = {events[0].content_id}",
-        bypass=("contents",),
-    )
+    copy_stored_blob(db_url, into=events[0].content_id, source=other.content_id)
     with reader(db_url) as fresh:
         for n in range(1, len(versions) + 1):
             with pytest.raises(Damaged):
@@ -962,13 +950,7 @@ def test_damage_that_a_later_delta_hides_is_still_caught(db_url):
     assert rows[donor[1].content_id]["base_id"] == victim[0].content_id
     assert rows[victim[2].content_id]["base_id"] == victim[1].content_id
     # victim's v2 now holds the donor's delta: same operations, other inserted text
-    raw_sql(
-        db_url,
-        f"UPDATE contents SET data = (SELECT data FROM contents WHERE id = "
-        f"{donor[1].content_id}), codec = (SELECT codec FROM contents WHERE id = "
-        f"{donor[1].content_id}) WHERE id = {victim[1].content_id}",
-        bypass=("contents",),
-    )
+    copy_stored_blob(db_url, into=victim[1].content_id, source=donor[1].content_id)
     with Archive(db_url) as fresh:
         assert fresh.show("victim.txt", version=3).data == base + b"tail2"
         with pytest.raises(Damaged):

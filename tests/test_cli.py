@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import raw_sql, run_cli
+from conftest import copy_stored_blob, raw_sql, run_cli
 from sqlalchemy import make_url
 
 from archive import Archive, NotFound
@@ -859,13 +859,7 @@ def test_verify_names_the_document_whose_content_is_damaged(db_url, lib, tmp_pat
     lib.record("news/donor.txt", b"B" * 50, at="2020-01-02T10:00:00Z")
     victim = lib.history("news/blob.txt")[0]
     donor = lib.history("news/donor.txt")[0]
-    raw_sql(
-        db_url,
-        f"UPDATE contents SET data = (SELECT data FROM contents WHERE id = {donor.content_id}),"
-        f" codec = (SELECT codec FROM contents WHERE id = {donor.content_id}) "
-        f"WHERE id = {victim.content_id}",
-        bypass=("contents",),
-    )
+    copy_stored_blob(db_url, into=victim.content_id, source=donor.content_id)
     # reading it fails loudly, with nothing on standard output
     result = run_cli("show", "news/blob.txt", db=db_url, cwd=tmp_path)
     assert result.returncode not in (0, 2, 3)
@@ -1009,13 +1003,7 @@ def test_show_batch_stops_at_a_damaged_document_after_the_answers_before_it(
     lib.record("z.txt", b"Z" * 40, at="2020-01-02T10:00:00Z")
     lib.record("b.txt", b"B" * 40, at="2020-01-02T10:00:00Z")
     victim, donor = lib.history("b.txt")[0], lib.history("z.txt")[0]
-    raw_sql(
-        db_url,
-        f"UPDATE contents SET data = (SELECT data FROM contents WHERE id = {donor.content_id})"
-        f", codec = (SELECT codec FROM contents WHERE id = {donor.content_id}) "
-        f"WHERE id = {victim.content_id}",
-        bypass=("contents",),
-    )
+    copy_stored_blob(db_url, into=victim.content_id, source=donor.content_id)
     lines = b"z.txt\t\nb.txt\t\na.txt\t\n"  # sorted, a.txt is read first and b.txt fails
     result = run_cli("show", "--batch", db=db_url, cwd=tmp_path, input=lines)
     assert f"content {victim.content_id}" in one_line(fails(result, 1))
