@@ -605,8 +605,8 @@ class Archive:
 class Reader:
     """Point-in-time reads inside one snapshot; the snapshot cannot change under it. The
     first read of a document is one indexed query, like `show`; from its second read on, the
-    document's timeline (its events in effective-time order) and its stored rows are read
-    once, and every further read is a binary search and a replay without queries."""
+    document's timeline (its events in effective-time order) is read once and every further
+    read is a binary search, with a replay that walks remembered rows (see `Archive._read`)."""
 
     TIMELINE_ROWS = 250_000  # events kept in memory (tens of MB) before timelines are dropped
 
