@@ -1,9 +1,9 @@
 """The delta codec: diff-match-patch deltas between two texts, exact in both directions.
 
 Diffs are computed by the C++ fast-diff-match-patch (code points on Linux, no time limit, so
-the result is deterministic) and serialised with the reference implementation's
-in a form that carries exactly `diff_toDelta`'s operations (see UTF8_FORM below); replay
-applies them exactly, as `diff_fromDelta` does, never the fuzzy `patch_apply`.
+the result is deterministic) and stored in a form that carries exactly the operations of the
+reference implementation's `diff_toDelta` (see UTF8_FORM below; `to_dmp` gives its string);
+replay applies them exactly, as `diff_fromDelta` does, never the fuzzy `patch_apply`.
 """
 
 from __future__ import annotations
