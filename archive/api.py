@@ -175,13 +175,6 @@ _HOT_TIMELINE = {
     for known in (False, True)
 }
 _HOT_DOC = f"SELECT {_DOC_OF_KEY}"
-# A document's stored contents, for replays without a query each; blobs over 64 KiB are left
-# to be read when needed, so a history of big files is never all in memory.
-_DOC_CONTENTS = (
-    "SELECT c.id, c.sha256, c.size, c.base_id, c.codec,"
-    " CASE WHEN length(c.data) <= 65536 THEN c.data END"
-    " FROM contents c WHERE c.id IN (SELECT content_id FROM events WHERE doc_id = :doc)"
-)
 _LATEST = 2**62  # "now": later than any stored time
 
 
@@ -399,15 +392,7 @@ class Archive:
                     f"{key!r} was deleted at {timeparse.show(found.effective_at)}"
                 )
             assert found.content_id is not None
-            return Snapshot(found, self._read(cur, found.doc_id, found.content_id))
-
-    def _read(self, cur: Cursor, doc_id: int, content_id: int) -> bytes:
-        """A content of a document, verified. From a document's second read that misses the
-        cache on, its delta rows are read in one query and replays walk them in memory."""
-        cache = self.cache
-        if not cache.checked(content_id) and cache.second_miss(doc_id):
-            cache.keep_rows(cur.execute(_DOC_CONTENTS, {"doc": doc_id}))
-        return load_one(cur, content_id, cache)
+            return Snapshot(found, load_one(cur, found.content_id, self.cache))
 
     @contextmanager
     def reader(self, *, known_at: TimeLike | None = None) -> Iterator[Reader]:
@@ -606,7 +591,7 @@ class Reader:
     """Point-in-time reads inside one snapshot; the snapshot cannot change under it. The
     first read of a document is one indexed query, like `show`; from its second read on, the
     document's timeline (its events in effective-time order) is read once and every further
-    read is a binary search, with a replay that walks remembered rows (see `Archive._read`)."""
+    read is a binary search, with a replay that walks the rows the cache remembers."""
 
     TIMELINE_ROWS = 250_000  # events kept in memory (tens of MB) before timelines are dropped
 
@@ -659,7 +644,7 @@ class Reader:
                 found = rows[index] = _event(found)  # built once per version read
         if found is None or found.content_id is None:  # absent, or a deletion
             return None
-        return Snapshot(found, self.arc._read(self.cur, found.doc_id, found.content_id))
+        return Snapshot(found, load_one(self.cur, found.content_id, self.arc.cache))
 
 
 def _rename(

@@ -26,8 +26,9 @@ class ContentCache:
       is verified (its size and SHA-256 checked); the contents a replay passed through on its
       way up the chain are kept too, marked unchecked: they serve as bases at once (the result
       built on them is checked, always), and are checked before they are ever returned.
-    - the stored rows of deltas already read, decompressed (a few dozen bytes each), so that a
-      chain reaching a cached content is walked in memory instead of asked of the database.
+    - the stored rows of deltas already read or written (a few dozen bytes each, decompressed
+      when first used), so that a chain reaching a cached content is walked in memory instead
+      of asked of the database.
     """
 
     def __init__(self, budget: int = 64 << 20):
@@ -40,7 +41,6 @@ class ContentCache:
         self._passed: OrderedDict[int, bytes] = OrderedDict()
         self.rows: dict[int, Any] = {}
         self._rows_used = 0
-        self._misses: dict[int, int] = {}  # per document: reads the cache could not answer
 
     def get(self, content_id: int) -> bytes | None:
         """A cached content, checked or not: fit to be a base, not to be returned."""
@@ -109,27 +109,15 @@ class ContentCache:
             self._rows_used += len(data) - len(kept[_DATA])
         return data
 
-    def second_miss(self, doc_id: int) -> bool:
-        """True at a document's second read that the cache cannot answer: the time to read
-        all its delta rows at once (one read alone, as `archive show`, never pays for it)."""
-        misses = self._misses.get(doc_id, 0)
-        if misses < 2:
-            if len(self._misses) > _DOCS_COUNTED:
-                self._misses.clear()
-            self._misses[doc_id] = misses + 1
-        return misses == 1  # once per document (while counted): rows dropped stay dropped
-
     def clear(self) -> None:
         self._checked.clear()
         self._passed.clear()
         self.used = 0
         self.rows.clear()
         self._rows_used = 0
-        self._misses.clear()
 
 
 _ROW_UP_TO = 64 << 10  # larger deltas are read again when needed
-_DOCS_COUNTED = 1 << 20  # documents whose misses are counted, at most
 _ROW_OVERHEAD = 200  # bytes a kept row costs beyond its data (tuple, ints, hash)
 
 
