@@ -112,7 +112,7 @@ def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
     """Indented JSON with one document per line: readable, and written by the C encoder
     (json's indenting encoder is pure Python, seconds for a large corpus)."""
     head = {k: v for k, v in manifest.items() if k != "documents"}
-    lines = [f'  "{k}": {json.dumps(v, ensure_ascii=False)},' for k, v in head.items()]
+    lines = [f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}," for k, v in head.items()]
     docs = [json.dumps(d, ensure_ascii=False) for d in manifest["documents"]]
     body = ',\n'.join(f"    {d}" for d in docs)
     text = "{\n" + "\n".join(lines) + '\n  "documents": [' + (f"\n{body}\n  " if docs else "")
