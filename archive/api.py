@@ -797,15 +797,15 @@ class _BatchWriter:
         self.new_events: list[dict] = []
         # Events of this batch per document: (seq, effective_at, content id or None).
         self.pending: dict[int, list[tuple[int, int, int | None]]] = {}
-        # Contents this batch created: their bytes, and their text to diff the next one on.
-        self.fresh: dict[int, tuple[bytes, str | None]] = {}
+        # Contents this batch created: their bytes, and whether they are text (None: unknown).
+        self.fresh: dict[int, tuple[bytes, bool | None]] = {}
         self._prefetch()
         results = [self._one(v, h) for v, h in zip(self.batch, self.hashes, strict=True)]
         self._flush()
         return results
 
     def publish(self) -> None:
-        for content_id, (data, _text) in self.fresh.items():
+        for content_id, (data, _is_text) in self.fresh.items():
             self.arc.cache.put(content_id, data)
         self.arc.cache.keep_rows(
             (r["id"], r["sha256"], r["size"], r["base_id"], r["codec"], r["data"])
@@ -893,42 +893,43 @@ class _BatchWriter:
     def _new_content(
         self, data: bytes, sha: bytes, base_id: int | None, doc: _DocState
     ) -> _ContentState:
-        as_text = content.delta_text(data)
         row: dict[str, Any] | None = None
+        text: bool | None = None  # unknown until it matters
         # A full chain ends in a keyframe, always: other bases are tried only when the
         # chain has room (else older bases would keep long chains from ever ending).
-        if as_text is not None and base_id is not None and (
+        if len(data) <= content.DELTA_UP_TO and base_id is not None and (
             self._content_by_id(base_id).depth < self.arc.keyframe_interval
         ):
-            row = self._delta_row(as_text, data, base_id)
-            if row is None or _large(row, data):
-                row = self._better_base(doc, as_text, data, base_id, row)
+            try:
+                row = self._delta_row(data, base_id)
+                if row is None or _large(row, data):
+                    row = self._better_base(doc, data, base_id, row)
+            except UnicodeDecodeError:  # not text: stored whole, and never a base
+                row, text = None, False
         if row is None:
             codec, blob = content.pack(data)
             row = {"base_id": None, "depth": 0, "codec": codec, "data": blob}
+        else:
+            text = True  # a delta is only ever made to a text
         state = _ContentState(self.next_content, sha, len(data), row["depth"])
         self.next_content += 1
         row.update(id=state.id, sha256=sha, size=len(data))
         self.new_contents.append(row)
         self.contents[sha] = state
         self.contents_by_id[state.id] = state
-        self.fresh[state.id] = (data, as_text)
+        self.fresh[state.id] = (data, text)
         return state
 
-    def _delta_row(self, new_text: str, data: bytes, base_id: int) -> dict[str, Any] | None:
-        """A delta against the base if the chain has room and the delta is smaller."""
+    def _delta_row(self, data: bytes, base_id: int) -> dict[str, Any] | None:
+        """A delta against the base if the chain has room, the base is text and the delta is
+        smaller. Raises UnicodeDecodeError if `data` is not text."""
         base_state = self._content_by_id(base_id)
         if base_state.depth + 1 > self.arc.keyframe_interval:
             return None
-        fresh = self.fresh.get(base_id)
-        if fresh is not None:
-            base_data, base_text = fresh
-        else:
-            base_data = self._bytes(base_id)
-            base_text = content.delta_text(base_data)
-        if base_text is None:
+        base_data = self._bytes(base_id)
+        if not self._is_text(base_id, base_data):
             return None
-        payload = delta.make(base_text, new_text, base_data, data)
+        payload = delta.make(base_data, data)
         codec, blob = content.pack(payload)
         # Text seldom compresses below a third: the full copy is compressed for comparison only
         # when the delta is at least that large (a rare miss costs bytes, never exactness).
@@ -936,8 +937,21 @@ class _BatchWriter:
             return None
         return {"base_id": base_id, "depth": base_state.depth + 1, "codec": codec, "data": blob}
 
+    def _is_text(self, content_id: int, data: bytes) -> bool:
+        """Whether a base is text. Deltas are made only to texts, so only a keyframe (one in
+        every keyframe_interval contents) is ever decoded to find out."""
+        fresh = self.fresh.get(content_id)
+        if fresh is not None and fresh[1] is not None:
+            return fresh[1]
+        if self._content_by_id(content_id).depth > 0:
+            return True
+        text = len(data) <= content.DELTA_UP_TO and content.is_text(data)
+        if fresh is not None:
+            self.fresh[content_id] = (data, text)
+        return text
+
     def _better_base(
-        self, doc: _DocState, new_text: str, data: bytes, tried: int, best: dict | None
+        self, doc: _DocState, data: bytes, tried: int, best: dict | None
     ) -> dict[str, Any] | None:
         """A large change (a page back from an error stub, a section restored) is often
         small against an earlier version: the document's last few other contents are tried
@@ -959,7 +973,7 @@ class _BatchWriter:
         distance, closest = min(ranked)
         if distance * 2 > delta.changed_bytes(self._bytes(tried), data):
             return best
-        row = self._delta_row(new_text, data, closest)
+        row = self._delta_row(data, closest)
         if row is not None and (best is None or len(row["data"]) < len(best["data"])):
             return row
         return best

@@ -1,7 +1,9 @@
 """The delta codec: diff-match-patch deltas between two texts, exact in both directions.
 
-Diffs are computed by the C++ fast-diff-match-patch (code points on Linux, no time limit, so
-the result is deterministic) and stored in a form that carries exactly the operations of the
+Diffs are settled on the UTF-8 bytes as far as comparing bytes can settle them (common prefix
+and suffix, anchors; see `byte_ops`), and what is left is diffed by the C++
+fast-diff-match-patch (code points on Linux, no time limit, so the result is deterministic).
+They are stored in a form that carries exactly the operations of the
 reference implementation's `diff_toDelta` (see UTF8_FORM below; `to_dmp` gives its string);
 replay applies them exactly, as `diff_fromDelta` does, never the fuzzy `patch_apply`.
 """
@@ -37,49 +39,101 @@ WORD_PAIRS = 16_000_000
 LONG_LINE = 400
 
 
-def diff(
-    old: str, new: str, old_bytes: bytes | None = None, new_bytes: bytes | None = None
-) -> list[tuple[int, str]]:
-    """diff-match-patch diff tuples (-1, 0, 1) from `old` to `new`.
+def diff(old: str, new: str) -> list[tuple[int, str]]:
+    """diff-match-patch diff tuples (-1, 0, 1) from `old` to `new` (see `byte_ops`)."""
+    return [(op, piece.decode("utf-8")) for op, piece in byte_ops(old.encode(), new.encode())]
 
-    The common prefix and suffix are found on the UTF-8 bytes first (slice comparisons run at
-    memcmp speed), moved back to character boundaries, and only the middle is diffed, with
-    semantic clean-up: fewer, larger operations make smaller deltas and diffs that read as
-    words. Large middles are diffed by lines (see CHARS_UP_TO). Callers that hold the UTF-8
-    bytes already pass them, to save encoding them again.
+
+def byte_ops(old: bytes, new: bytes) -> list[tuple[int, bytes]]:
+    """The diff of two UTF-8 texts as operations on their bytes, each piece whole characters.
+
+    Everything that can be settled by comparing bytes is, at memcmp speed: the common prefix
+    and suffix are cut off, and a long changed middle is split at an anchor, a run of
+    ANCHOR bytes found once in the old side (see `_anchor`), and each part is treated alike.
+    Only what is left between anchors is decoded and diffed by diff-match-patch, with semantic
+    clean-up (fewer, larger operations: smaller deltas, diffs that read as words); a large
+    part without anchors is diffed by lines (see CHARS_UP_TO). Decided by the bytes alone, so
+    the same inputs always give the same delta. `old` must be UTF-8; if `new` is not, this
+    raises UnicodeDecodeError (the caller then stores it whole).
     """
-    return _merged([(op, text) for op, text, _ in _sized(old, new, old_bytes, new_bytes)])
+    out: list[tuple[int, bytes]] = []
+    _split(old, new, out)
+    return _merged(out)
 
 
-def _sized(
-    old: str, new: str, old_bytes: bytes | None, new_bytes: bytes | None
-) -> list[tuple[int, str, int | None]]:
-    """The diff, not yet merged, with the UTF-8 size of the pieces whose size is known
-    without encoding them (the common prefix and suffix), else None."""
-    if old == new:
-        return [(0, old, None)] if old else []
-    if not old or not new:
-        return [(1, new, None)] if new else [(-1, old, None)]
-    a = old_bytes if old_bytes is not None else old.encode("utf-8")
-    b = new_bytes if new_bytes is not None else new.encode("utf-8")
+# A run of this many bytes of the new side, found exactly once in the old, splits a middle.
+ANCHOR = 64
+# Parts at most this many bytes (both sides) are diffed by characters, not split further.
+LEAF = 400
+# Parts this small are replaced whole: semantic clean-up turns a changed word into a delete
+# and an insert anyway, and each call of the C++ diff costs a few clock_gettime system calls
+# (it checks its time limit even when there is none), 10-15 us a word on these machines.
+TINY = 64
+# Where probes are taken, in eighths of the new middle: the centre first.
+_PROBES = (4, 2, 6, 3, 5, 1, 7)
+_FOUND_ENOUGH = 3
+
+
+def _split(a: bytes, b: bytes, out: list[tuple[int, bytes]]) -> None:
     head = _common_prefix(a, b)
     tail = _common_suffix(a, b, min(len(a), len(b)) - head)
     while head and head < len(a) and (a[head] & 0xC0) == 0x80:
         head -= 1  # the prefix ended inside a character
     while tail and (a[len(a) - tail] & 0xC0) == 0x80:
         tail -= 1  # the suffix began inside a character
-    head_chars = len(a[:head].decode("utf-8"))
-    tail_chars = len(a[len(a) - tail :].decode("utf-8")) if tail else 0
-    result: list[tuple[int, str, int | None]] = []
-    if head_chars:
-        result.append((0, old[:head_chars], head))
-    middle = _middle(
-        old[head_chars : len(old) - tail_chars], new[head_chars : len(new) - tail_chars]
-    )
-    result += [(op, text, None) for op, text in middle]
-    if tail_chars:
-        result.append((0, old[len(old) - tail_chars :], tail))
-    return result
+    if head:
+        out.append((0, a[:head]))
+    ma, mb = a[head : len(a) - tail], b[head : len(b) - tail]
+    if not ma or not mb:
+        if mb:
+            mb.decode("utf-8")  # inserted text must be text
+            out.append((1, mb))
+        elif ma:
+            out.append((-1, ma))
+    elif len(ma) + len(mb) <= TINY:
+        mb.decode("utf-8")
+        out += [(-1, ma), (1, mb)]
+    elif len(ma) + len(mb) <= LEAF:
+        old, new = ma.decode("utf-8"), mb.decode("utf-8")
+        out += [(op, text.encode("utf-8")) for op, text in _chars(old, new)]
+    else:
+        cut = _anchor(ma, mb)
+        if cut is None:
+            old, new = ma.decode("utf-8"), mb.decode("utf-8")
+            out += [(op, text.encode("utf-8")) for op, text in _middle(old, new)]
+        else:
+            i, j = cut  # both parts are smaller: 0 < j < len(mb)
+            _split(ma[:i], mb[:j], out)
+            _split(ma[i:], mb[j:], out)
+    if tail:
+        out.append((0, a[len(a) - tail :]))
+
+
+def _anchor(a: bytes, b: bytes) -> tuple[int, int] | None:
+    """Where to split a changed middle: the start (i in `a`, j in `b`) of a probe, a run of
+    ANCHOR bytes of `b` found exactly once in `a`, so it is most likely unchanged text. Of
+    the first few found, the one whose relative positions agree best: a probe inside a moved
+    sentence is found far from where it was, and splitting there would cost the text it
+    jumped over. Any split of this kind gives a correct diff; a poor one costs bytes only."""
+    best: tuple[int, int, int] | None = None
+    found = 0
+    for eighth in _PROBES:
+        j = len(b) * eighth // 8
+        while j < len(b) and (b[j] & 0xC0) == 0x80:
+            j += 1  # start on a character
+        probe = b[j : j + ANCHOR]
+        if len(probe) < ANCHOR:
+            continue
+        i = a.find(probe)
+        if i < 0 or a.find(probe, i + 1) >= 0:
+            continue
+        skew = abs(i * len(b) - j * len(a))
+        if best is None or skew < best[0]:
+            best = (skew, i, j)
+        found += 1
+        if found == _FOUND_ENOUGH:
+            break
+    return None if best is None else (best[1], best[2])
 
 
 def changed_bytes(old: bytes, new: bytes) -> int:
@@ -90,9 +144,9 @@ def changed_bytes(old: bytes, new: bytes) -> int:
     return len(old) + len(new) - 2 * (head + tail)
 
 
-def _merged(diffs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+def _merged(diffs: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
     """Neighbouring operations of one kind as one (pieces diffed apart meet at the seams)."""
-    out: list[tuple[int, str]] = []
+    out: list[tuple[int, bytes]] = []
     for op, text in diffs:
         if out and out[-1][0] == op:
             out[-1] = (op, out[-1][1] + text)
@@ -102,8 +156,15 @@ def _merged(diffs: list[tuple[int, str]]) -> list[tuple[int, str]]:
 
 
 def _common_prefix(a: bytes | str, b: bytes | str) -> int:
-    """Length of the common prefix, by binary search over slice comparisons (memcmp)."""
-    low, high = 0, min(len(a), len(b))
+    """Length of the common prefix, by slice comparisons (memcmp): galloping out, then a
+    binary search, so a short prefix (the usual case once a middle is split) costs a few
+    comparisons, not one per halving of the whole."""
+    most = min(len(a), len(b))
+    low, step = 0, 16
+    while low + step <= most and a[low : low + step] == b[low : low + step]:
+        low += step
+        step *= 2
+    high = min(low + step, most)
     while low < high:
         mid = (low + high + 1) // 2
         if a[low:mid] == b[low:mid]:
@@ -114,9 +175,14 @@ def _common_prefix(a: bytes | str, b: bytes | str) -> int:
 
 
 def _common_suffix(a: bytes | str, b: bytes | str, most: int) -> int:
-    """Length of the common suffix, at most `most` bytes (so it cannot overlap the prefix)."""
-    low, high = 0, most
+    """Length of the common suffix, at most `most` bytes (so it cannot overlap the prefix),
+    searched as `_common_prefix` is."""
     la, lb = len(a), len(b)
+    low, step = 0, 16
+    while low + step <= most and a[la - low - step : la - low] == b[lb - low - step : lb - low]:
+        low += step
+        step *= 2
+    high = min(low + step, most)
     while low < high:
         mid = (low + high + 1) // 2
         if a[la - mid : la - low] == b[lb - mid : lb - low]:
@@ -256,26 +322,17 @@ UTF8_FORM = b"\x02"
 UTF16_FORM = b"\x01"
 
 
-def make(
-    old: str, new: str, old_bytes: bytes | None = None, new_bytes: bytes | None = None
-) -> bytes:
-    """The delta that turns `old` into `new`, in the stored form (bytes): the operations of
-    `diff`, merged the same way, each counted in UTF-8 bytes."""
-    counts: list[list[int]] = []  # [op, bytes]
-    inserted: list[bytes] = []
-    for op, text, size in _sized(old, new, old_bytes, new_bytes):
-        if op == 1:
-            piece = text.encode("utf-8")
-            inserted.append(piece)
-            size = len(piece)
-        elif size is None:
-            size = len(text) if text.isascii() else len(text.encode("utf-8"))
-        if counts and counts[-1][0] == op:
-            counts[-1][1] += size
-        else:
-            counts.append([op, size])
-    ops = b"\t".join(b"%s%d" % (_SIGN[op], size) for op, size in counts)
-    return UTF8_FORM + ops + b"\x00" + b"".join(inserted)
+def make(old: str | bytes, new: str | bytes) -> bytes:
+    """The delta that turns `old` into `new`, in the stored form: the operations of
+    `byte_ops`, each counted in UTF-8 bytes. Raises UnicodeDecodeError if `new` is not
+    UTF-8 (`old` must be)."""
+    if isinstance(old, str):
+        old = old.encode("utf-8")
+    if isinstance(new, str):
+        new = new.encode("utf-8")
+    ops = byte_ops(old, new)
+    counts = b"\t".join(b"%s%d" % (_SIGN[op], len(piece)) for op, piece in ops)
+    return UTF8_FORM + counts + b"\x00" + b"".join(piece for op, piece in ops if op == 1)
 
 
 _SIGN = {0: b"=", -1: b"-", 1: b"+"}

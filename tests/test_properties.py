@@ -200,3 +200,106 @@ def test_deltas_of_every_stored_form_replay_on_bytes(old, new, newer):
     assert delta.to_dmp(old, steps[0]) == delta.to_dmp(old, delta.make(old, new))
     classic = delta.to_dmp(old, delta.make(old, new))
     assert delta.apply_chain(old.encode(), [classic.encode(), steps[1]]) == newer.encode()
+
+
+def _seed_lines() -> list[str]:
+    lines = []
+    for path in sorted(SEEDS.glob("0*.txt")):
+        lines += path.read_text(encoding="utf-8").splitlines(keepends=True)
+    return lines
+
+
+SEED_LINES = _seed_lines()
+# Long texts of the seeds' own lines, with repeats (the live thread repeats an article), and
+# edits that cut, move, duplicate and splice them: the changed middles these give are long
+# enough to be split at anchors, and repeated lines make anchors ambiguous.
+long_texts = st.lists(st.sampled_from(SEED_LINES), min_size=5, max_size=60).map("".join)
+edits = st.lists(
+    st.tuples(
+        st.sampled_from(["cut", "move", "copy", "splice"]),
+        st.floats(0, 1), st.floats(0, 1), st.integers(0, 400), fragments,
+    ),
+    min_size=1, max_size=6,
+)
+
+
+def _edited(text: str, plan: list) -> str:
+    for kind, a, b, n, fragment in plan:
+        i, j = int(a * len(text)), int(b * len(text))
+        piece = text[i : i + n]
+        if kind == "cut":
+            text = text[:i] + text[i + n :]
+        elif kind == "move":
+            rest = text[:i] + text[i + n :]
+            j = min(j, len(rest))
+            text = rest[:j] + piece + rest[j:]
+        elif kind == "copy":
+            text = text[:j] + piece + text[j:]
+        else:
+            text = text[:i] + fragment + text[i + n :]
+    return text
+
+
+@settings(max_examples=300, deadline=None)
+@given(old=long_texts, plan=edits)
+def test_long_texts_split_at_anchors_give_exact_dmp_deltas(old, plan):
+    """Long edited texts go through the byte-level splitting (prefix, suffix, anchors): the
+    delta still rebuilds the text exactly, through both the stored form and diff_toDelta's,
+    and every piece is whole characters."""
+    from diff_match_patch import diff_match_patch
+
+    from archive import delta
+
+    new = _edited(old, plan)
+    dmp = diff_match_patch()
+    stored = delta.make(old, new)
+    assert delta.apply(old, stored) == new
+    assert delta.apply_chain(old.encode(), [stored]) == new.encode()
+    classic = delta.to_dmp(old, stored)
+    assert classic == dmp.diff_toDelta(delta.diff(old, new))
+    assert "".join(t for op, t in dmp.diff_fromDelta(old, classic) if op != -1) == new
+
+
+@settings(max_examples=300, deadline=None)
+@given(old=long_texts, at=st.floats(0, 1), cut=st.integers(0, 40), junk=st.binary(max_size=6))
+def test_make_refuses_new_bytes_that_are_not_utf8(old, at, cut, junk):
+    """`make` takes bytes and decodes only what changed: a new version that is not UTF-8
+    raises UnicodeDecodeError (the writer then stores it whole), and one that is gets an
+    exact delta. Splicing raw bytes anywhere, inside characters too, tests both."""
+    import pytest
+
+    from archive import delta
+
+    base = old.encode()
+    i = int(at * len(base))
+    new = base[:i] + junk + base[i + cut :]
+    try:
+        new.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(UnicodeDecodeError):
+            delta.make(base, new)
+    else:
+        assert delta.apply_chain(base, [delta.make(base, new)]) == new
+
+
+def test_a_moved_block_costs_about_the_smaller_side():
+    """A move is a delete and an insert of one side: of the moved sentence, not of the text
+    it jumped over; of the shorter of two blocks that swap places, not of the longer."""
+    from archive import delta
+
+    text = "".join(SEED_LINES[:120])
+    sentence = next(line for line in SEED_LINES[:120] if len(line) > 150)
+    assert len(text) > 20 * len(sentence) and text.count(sentence) == 1
+    at = text.index(sentence)
+    rest = text[:at] + text[at + len(sentence) :]
+    far = len(rest) - 100
+    moved = rest[:far] + sentence + rest[far:]
+    stored = delta.make(text, moved)
+    assert delta.apply(text, stored) == moved
+    assert len(stored) < 3 * len(sentence.encode()) + 100
+
+    head, long, short, tail = text[:500], text[500:8500], text[8500:11500], text[11500:]
+    swapped = head + short + long + tail
+    stored = delta.make(text, swapped)
+    assert delta.apply(text, stored) == swapped
+    assert len(stored) < len(short.encode()) + 200 < len(long.encode())
