@@ -22,19 +22,22 @@ _dmp.Diff_Timeout = 0  # a time limit makes diffs depend on CPU load
 _OPS = {"=": 0, "-": -1, "+": 1}
 
 # A character diff costs O(N·D): on a 300k-character middle with many edits it took minutes.
-# Above CHARS_UP_TO code points (both sides together) the middle is diffed by lines; a
-# replaced block of lines is refined by words when it is at most WORDS_UP_TO (long lines:
-# paragraphs, minified pages), and a replaced block of words by characters when at most
-# CHARS_UP_TO. Decided by sizes alone, so the same inputs always give the same delta.
-CHARS_UP_TO = 4_000
+# A part that has no anchor (see byte_ops) is diffed by characters up to CHARS_UP_TO code
+# points (both sides together), else by lines; a replaced block of lines is refined by words
+# when it is at most WORDS_UP_TO (long lines: paragraphs, minified pages), and a replaced
+# block of words by characters when at most CHARS_UP_TO. Decided by sizes alone, so the same
+# inputs always give the same delta.
+CHARS_UP_TO = 1_000
 WORDS_UP_TO = 64_000
 # A changed middle larger than this is not diffed at all: it is replaced whole, and the
 # writer then stores a keyframe (the delta is not smaller than the full copy).
 MIDDLE_UP_TO = 4_000_000
 _WORDS = re.compile(r"\s+|\S+")
 # A replaced block is diffed by words only while (words before) x (words after) stays below
-# this: the cost of a diff grows with the product when the block was rewritten.
-WORD_PAIRS = 16_000_000
+# this: the cost of a diff grows with the product when the block was rewritten. On the real
+# history, 16 M spent half the import on blocks whose word diff changed 95 % of the words;
+# 250 k made the deltas 1 % larger.
+WORD_PAIRS = 250_000
 # Lines longer than this are diffed as sentences.
 LONG_LINE = 400
 
@@ -61,8 +64,10 @@ def byte_ops(old: bytes, new: bytes) -> list[tuple[int, bytes]]:
     return _merged(out)
 
 
-# A run of this many bytes of the new side, found exactly once in the old, splits a middle.
+# A run of this many bytes of the new side, found exactly once in the old, splits a middle;
+# a run found more than once is lengthened, up to LONGEST_ANCHOR.
 ANCHOR = 64
+LONGEST_ANCHOR = 4096
 # Parts at most this many bytes (both sides) are diffed by characters, not split further.
 LEAF = 400
 # Parts this small are replaced whole: semantic clean-up turns a changed word into a delete
@@ -121,11 +126,8 @@ def _anchor(a: bytes, b: bytes) -> tuple[int, int] | None:
         j = len(b) * eighth // 8
         while j < len(b) and (b[j] & 0xC0) == 0x80:
             j += 1  # start on a character
-        probe = b[j : j + ANCHOR]
-        if len(probe) < ANCHOR:
-            continue
-        i = a.find(probe)
-        if i < 0 or a.find(probe, i + 1) >= 0:
+        i = _unique_at(a, b, j)
+        if i is None:
             continue
         skew = abs(i * len(b) - j * len(a))
         if best is None or skew < best[0]:
@@ -134,6 +136,23 @@ def _anchor(a: bytes, b: bytes) -> tuple[int, int] | None:
         if found == _FOUND_ENOUGH:
             break
     return None if best is None else (best[1], best[2])
+
+
+def _unique_at(a: bytes, b: bytes, j: int) -> int | None:
+    """Where the probe at `j` in `b` is found in `a`, if exactly once. A probe found more
+    than once (boilerplate, repeated links) is lengthened, up to LONGEST_ANCHOR bytes."""
+    size = ANCHOR
+    while j + size <= len(b):
+        probe = b[j : j + size]
+        i = a.find(probe)
+        if i < 0:
+            return None
+        if a.find(probe, i + 1) < 0:
+            return i
+        if size >= LONGEST_ANCHOR:
+            return None
+        size *= 4
+    return None
 
 
 def changed_bytes(old: bytes, new: bytes) -> int:
