@@ -27,7 +27,7 @@ _OPS = {"=": 0, "-": -1, "+": 1}
 # when it is at most WORDS_UP_TO (long lines: paragraphs, minified pages), and a replaced
 # block of words by characters when at most CHARS_UP_TO. Decided by sizes alone, so the same
 # inputs always give the same delta.
-CHARS_UP_TO = 1_000
+CHARS_UP_TO = 400
 WORDS_UP_TO = 64_000
 # A changed middle larger than this is not diffed at all: it is replaced whole, and the
 # writer then stores a keyframe (the delta is not smaller than the full copy).
