@@ -587,6 +587,39 @@ def test_replay_fails_loudly_on_a_tampered_delta_base(db_url, tmp_path):
     assert "chain.txt" in json.dumps(problems, default=str)
 
 
+def test_bases_read_in_bulk_store_the_same_deltas(tmp_path):
+    """A batch whose bases have left the cache reads them in bulk (one chain query per 500
+    documents): it stores exactly the rows a batch with every base cached stores, and each
+    version replays exactly."""
+    texts = [seed(name) for name in ("000", "001", "002", "003", "004")]
+    versions: list[list[Version]] = [[], [], []]
+    expected = {}
+    for i in range(600):
+        lines = texts[i % 5].splitlines(keepends=True)
+        first = b"".join(lines[i % 7 : i % 7 + 12]) + b"doc %d\n" % i
+        second = first + lines[(i + 13) % len(lines)]
+        third = second.replace(b" the ", b" a ", 1) if i % 3 else b"\xff binary now %d" % i
+        for n, data in enumerate((first, second, third)):
+            versions[n].append(Version(f"bulk/{i}.txt", data, 1_600_000_000_000_000 + n))
+        expected[f"bulk/{i}.txt"] = (first, second, third)
+    stores = {}
+    for name, cache_bytes in (("warm", 64 << 20), ("cold", 0)):
+        url = f"sqlite:///{tmp_path / name}.db"
+        with Archive(url, cache_bytes=cache_bytes) as arc:
+            arc.init()
+            for batch in versions:
+                arc.record_many(batch)
+        stores[name] = sorted(
+            (r["sha256"], r["size"], r["base_id"], r["data"]) for r in content_rows(url).values()
+        )
+    assert stores["warm"] == stores["cold"]
+    assert sum(1 for row in stores["cold"] if row[2] is not None) >= 1000  # deltas, mostly
+    with reader(f"sqlite:///{tmp_path / 'cold'}.db") as fresh:
+        for key, datas in expected.items():
+            for n, data in enumerate(datas, start=1):
+                assert fresh.show(key, version=n).data == data
+
+
 def test_binary_and_non_utf8_content_byte_exact(arc, db_url):
     rng = random.Random(3)
     blobs = [
