@@ -5,10 +5,11 @@ empty: now); each answer is a header `<sha256> <size> <key>`, the exact bytes an
 or `<key> missing` when the document did not exist then. Answers come in input order.
 
 Lines are answered as they arrive, in groups: every complete line already waiting on the
-input is read, the group is resolved in (document, time) order, so that each replay starts
-from the version just rebuilt, and its answers are written in input order and flushed before
-the next read could block. A co-process that sends one line and waits gets its answer at
-once; a script that pipes many lines gets them answered without a flush per line.
+input is read, the group is resolved in (document, time) order and its contents rebuilt in
+bulk (one chain query per 500), so that each replay starts from the version just rebuilt; its
+answers are written in input order and flushed before the next read could block. A co-process
+that sends one line and waits gets its answer at once; a script that pipes many lines gets
+them answered without a flush per line.
 """
 
 from __future__ import annotations
@@ -84,14 +85,22 @@ def _groups(source: BinaryIO):
 
 
 def _answer(reader: Reader, requests: list[tuple[str, int | None]], sink: BinaryIO) -> int:
-    """Resolve in (document, time) order, write in input order. Answers held in between are
-    bounded (HELD bytes; past that a request is read again when its turn comes, from the
-    cache). A request that fails ends the run after the answers to those before it."""
+    """Resolve in (document, time) order, write in input order. The group's versions are
+    found first and their contents rebuilt in bulk (`Reader.prefetch`). Answers held in
+    between are bounded (HELD bytes; past that a request is read again when its turn comes,
+    from the cache). A request that fails ends the run after the answers to those before it."""
     found: dict[tuple[str, int | None], Any] = {}
-    held = 0
+    events: dict[tuple[str, int | None], Any] = {}
     for request in sorted(set(requests), key=_order):
         try:
-            snap = reader.at(*request)
+            events[request] = reader.resolve(*request)
+        except ArchiveError as error:
+            found[request] = error
+    reader.prefetch(ev for ev in events.values() if ev is not None)
+    held = 0
+    for request, event in events.items():
+        try:
+            snap = reader.snapshot(event) if event is not None else None
         except ArchiveError as error:
             found[request] = error
             continue
