@@ -173,7 +173,10 @@ def load(
     for start in range(0, len(missing), 500):
         chunk = missing[start : start + 500]
         fragment, params = Cursor.in_list("i", chunk)
-        rows = {row[_ID]: row for row in cur.execute(_CHAIN.format(ids=fragment), params)}
+        fetched = cur.execute(_CHAIN.format(ids=fragment), params).fetchall()
+        cache.keep_rows(fetched)  # an _Overlay keeps none
+        kept = cache.rows
+        rows = {row[_ID]: kept.get(row[_ID], row) for row in fetched}
         for content_id in chunk:
             found[content_id] = _rebuild_checked(cur, content_id, rows, cache)
     return found
