@@ -154,9 +154,10 @@ def load(
     cur: Cursor, ids: Iterable[int], cache: ContentCache, *, keep: bool = True
 ) -> dict[int, bytes]:
     """The verified contents of `ids`, rebuilt with as few queries as the cache allows
-    (export, versions): chains are fetched 500 at a time, and kept only for this call.
-    With keep=False the results go to no cache (an export reads each content once): a
-    private cache holds bases while they are needed."""
+    (export, versions, a batch's prefetch, a write batch's bases): chains are fetched 500 at
+    a time, and their delta rows remembered by the cache, as `load_one` does. With
+    keep=False the results go to no cache and no rows are remembered (an export reads each
+    content once): a private cache holds bases while they are needed."""
     if not keep:
         cache = _Overlay(cache)
     found: dict[int, bytes] = {}
