@@ -860,7 +860,8 @@ class _BatchWriter:
         """The bytes of the bases this batch will diff against, read in bulk: one chain query
         per 500 documents instead of one each, when a batch spans many documents whose last
         versions have left the cache. At most BASES_UP_TO bytes are held."""
-        cache, wanted, held = self.arc.cache, [], 0
+        cache, held = self.arc.cache, 0
+        wanted: dict[int, None] = {}  # in batch order, each once
         for v, sha in zip(self.batch, self.hashes, strict=True):
             doc = self.docs.get(v.key)
             if sha is None or sha in self.contents or doc is None or doc.content_id is None:
@@ -868,12 +869,17 @@ class _BatchWriter:
             state = self.contents_by_id.get(doc.content_id)
             if state is None or state.depth >= self.arc.keyframe_interval:
                 continue  # the new version will be a keyframe
-            if cache.checked(doc.content_id) or held + state.size > BASES_UP_TO:
+            if doc.content_id in wanted or cache.checked(doc.content_id):
                 continue
-            wanted.append(doc.content_id)
+            if held + state.size > BASES_UP_TO:
+                continue
+            wanted[doc.content_id] = None
             held += state.size
         if len(wanted) > 1:
-            self.bases = load(self.cur, wanted, cache, keep=False)
+            # A base that cannot be rebuilt may never be needed (a back-dated version diffs
+            # against another): it is left to fail where it is used, if it is.
+            with suppress(ArchiveError):
+                self.bases = load(self.cur, wanted, cache, keep=False)
 
     def _select_in(self, sql: str, values: list[Any]) -> Iterator[Any]:
         for start in range(0, len(values), 500):

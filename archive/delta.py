@@ -60,7 +60,7 @@ def byte_ops(old: bytes, new: bytes) -> list[tuple[int, bytes]]:
     raises UnicodeDecodeError (the caller then stores it whole).
     """
     out: list[tuple[int, bytes]] = []
-    _split(old, new, out)
+    _split(old, 0, len(old), new, 0, len(new), out, [MIDDLE_UP_TO])
     return _merged(out)
 
 
@@ -79,42 +79,56 @@ _PROBES = (4, 2, 6, 3, 5, 1, 7)
 _FOUND_ENOUGH = 3
 
 
-def _split(a: bytes, b: bytes, out: list[tuple[int, bytes]]) -> None:
-    head = _common_prefix(a, b)
-    tail = _common_suffix(a, b, min(len(a), len(b)) - head)
-    while head and head < len(a) and (a[head] & 0xC0) == 0x80:
+def _split(
+    a: bytes, alo: int, ahi: int, b: bytes, blo: int, bhi: int,
+    out: list[tuple[int, bytes]], budget: list[int],
+) -> None:
+    """Diff a[alo:ahi] against b[blo:bhi] into `out`. Parts are offsets, not copies: bytes
+    are sliced only when emitted or decoded, so memory stays that of the two texts however
+    deep the splitting goes. `budget` is the characters still allowed to the diffs of parts
+    without anchors: past it a part is replaced whole (MIDDLE_UP_TO bounds the work)."""
+    head = _prefix_at(a, alo, ahi, b, blo, bhi)
+    tail = _suffix_at(a, alo + head, ahi, b, blo + head, bhi)
+    while head and alo + head < ahi and (a[alo + head] & 0xC0) == 0x80:
         head -= 1  # the prefix ended inside a character
-    while tail and (a[len(a) - tail] & 0xC0) == 0x80:
+    while tail and (a[ahi - tail] & 0xC0) == 0x80:
         tail -= 1  # the suffix began inside a character
     if head:
-        out.append((0, a[:head]))
-    ma, mb = a[head : len(a) - tail], b[head : len(b) - tail]
-    if not ma or not mb:
-        if mb:
-            mb.decode("utf-8")  # inserted text must be text
-            out.append((1, mb))
-        elif ma:
-            out.append((-1, ma))
-    elif len(ma) + len(mb) <= TINY:
-        mb.decode("utf-8")
-        out += [(-1, ma), (1, mb)]
-    elif len(ma) + len(mb) <= LEAF:
-        old, new = ma.decode("utf-8"), mb.decode("utf-8")
+        out.append((0, a[alo : alo + head]))
+    alo, blo, ahi, bhi = alo + head, blo + head, ahi - tail, bhi - tail
+    size = (ahi - alo) + (bhi - blo)
+    if alo == ahi or blo == bhi:
+        if blo < bhi:
+            inserted = b[blo:bhi]
+            inserted.decode("utf-8")  # inserted text must be text
+            out.append((1, inserted))
+        elif alo < ahi:
+            out.append((-1, a[alo:ahi]))
+    elif size <= TINY:
+        inserted = b[blo:bhi]
+        inserted.decode("utf-8")
+        out += [(-1, a[alo:ahi]), (1, inserted)]
+    elif size <= LEAF:
+        old, new = a[alo:ahi].decode("utf-8"), b[blo:bhi].decode("utf-8")
         out += [(op, text.encode("utf-8")) for op, text in _chars(old, new)]
     else:
-        cut = _anchor(ma, mb)
-        if cut is None:
-            old, new = ma.decode("utf-8"), mb.decode("utf-8")
-            out += [(op, text.encode("utf-8")) for op, text in _middle(old, new)]
+        cut = _anchor(a, alo, ahi, b, blo, bhi)
+        if cut is not None:
+            i, j = cut  # both parts are smaller: blo < j < bhi
+            _split(a, alo, i, b, blo, j, out, budget)
+            _split(a, i, ahi, b, j, bhi, out, budget)
         else:
-            i, j = cut  # both parts are smaller: 0 < j < len(mb)
-            _split(ma[:i], mb[:j], out)
-            _split(ma[i:], mb[j:], out)
+            old, new = a[alo:ahi].decode("utf-8"), b[blo:bhi].decode("utf-8")
+            if len(old) + len(new) > budget[0]:
+                out += [(-1, a[alo:ahi]), (1, b[blo:bhi])]
+            else:
+                budget[0] -= len(old) + len(new)
+                out += [(op, text.encode("utf-8")) for op, text in _middle(old, new)]
     if tail:
-        out.append((0, a[len(a) - tail :]))
+        out.append((0, a[ahi : ahi + tail]))
 
 
-def _anchor(a: bytes, b: bytes) -> tuple[int, int] | None:
+def _anchor(a: bytes, alo: int, ahi: int, b: bytes, blo: int, bhi: int) -> tuple[int, int] | None:
     """Where to split a changed middle: the start (i in `a`, j in `b`) of a probe, a run of
     ANCHOR bytes of `b` found exactly once in `a`, so it is most likely unchanged text. Of
     the first few found, the one whose relative positions agree best: a probe inside a moved
@@ -122,14 +136,15 @@ def _anchor(a: bytes, b: bytes) -> tuple[int, int] | None:
     jumped over. Any split of this kind gives a correct diff; a poor one costs bytes only."""
     best: tuple[int, int, int] | None = None
     found = 0
+    la, lb = ahi - alo, bhi - blo
     for eighth in _PROBES:
-        j = len(b) * eighth // 8
-        while j < len(b) and (b[j] & 0xC0) == 0x80:
+        j = blo + lb * eighth // 8
+        while j < bhi and (b[j] & 0xC0) == 0x80:
             j += 1  # start on a character
-        i = _unique_at(a, b, j)
+        i = _unique_at(a, alo, ahi, b, j, bhi)
         if i is None:
             continue
-        skew = abs(i * len(b) - j * len(a))
+        skew = abs((i - alo) * lb - (j - blo) * la)
         if best is None or skew < best[0]:
             best = (skew, i, j)
         found += 1
@@ -138,16 +153,16 @@ def _anchor(a: bytes, b: bytes) -> tuple[int, int] | None:
     return None if best is None else (best[1], best[2])
 
 
-def _unique_at(a: bytes, b: bytes, j: int) -> int | None:
-    """Where the probe at `j` in `b` is found in `a`, if exactly once. A probe found more
-    than once (boilerplate, repeated links) is lengthened, up to LONGEST_ANCHOR bytes."""
+def _unique_at(a: bytes, alo: int, ahi: int, b: bytes, j: int, bhi: int) -> int | None:
+    """Where the probe at `j` in `b` is found in a[alo:ahi], if exactly once. A probe found
+    more than once (boilerplate, repeated links) is lengthened, up to LONGEST_ANCHOR bytes."""
     size = ANCHOR
-    while j + size <= len(b):
+    while j + size <= bhi:
         probe = b[j : j + size]
-        i = a.find(probe)
+        i = a.find(probe, alo, ahi)
         if i < 0:
             return None
-        if a.find(probe, i + 1) < 0:
+        if a.find(probe, i + 1, ahi) < 0:
             return i
         if size >= LONGEST_ANCHOR:
             return None
@@ -175,36 +190,44 @@ def _merged(diffs: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
 
 
 def _common_prefix(a: bytes | str, b: bytes | str) -> int:
-    """Length of the common prefix, by slice comparisons (memcmp): galloping out, then a
-    binary search, so a short prefix (the usual case once a middle is split) costs a few
-    comparisons, not one per halving of the whole."""
-    most = min(len(a), len(b))
+    return _prefix_at(a, 0, len(a), b, 0, len(b))
+
+
+def _common_suffix(a: bytes | str, b: bytes | str, most: int) -> int:
+    """Length of the common suffix, at most `most` bytes (so it cannot overlap the prefix)."""
+    return _suffix_at(a, len(a) - most, len(a), b, len(b) - most, len(b))
+
+
+def _prefix_at(a: bytes | str, alo: int, ahi: int, b: bytes | str, blo: int, bhi: int) -> int:
+    """Length of the common prefix of a[alo:ahi] and b[blo:bhi], by slice comparisons
+    (memcmp): galloping out, then a binary search, so a short prefix (the usual case once a
+    middle is split) costs a few comparisons, not one per halving of the whole."""
+    most = min(ahi - alo, bhi - blo)
     low, step = 0, 16
-    while low + step <= most and a[low : low + step] == b[low : low + step]:
+    while low + step <= most and a[alo + low : alo + low + step] == b[blo + low : blo + low + step]:
         low += step
         step *= 2
     high = min(low + step, most)
     while low < high:
         mid = (low + high + 1) // 2
-        if a[low:mid] == b[low:mid]:
+        if a[alo + low : alo + mid] == b[blo + low : blo + mid]:
             low = mid
         else:
             high = mid - 1
     return low
 
 
-def _common_suffix(a: bytes | str, b: bytes | str, most: int) -> int:
-    """Length of the common suffix, at most `most` bytes (so it cannot overlap the prefix),
-    searched as `_common_prefix` is."""
-    la, lb = len(a), len(b)
+def _suffix_at(a: bytes | str, alo: int, ahi: int, b: bytes | str, blo: int, bhi: int) -> int:
+    """Length of the common suffix of a[alo:ahi] and b[blo:bhi], searched as `_prefix_at`."""
+    most = min(ahi - alo, bhi - blo)
     low, step = 0, 16
-    while low + step <= most and a[la - low - step : la - low] == b[lb - low - step : lb - low]:
+    while low + step <= most and a[ahi - low - step : ahi - low] == b[bhi - low - step : bhi - low]:
         low += step
         step *= 2
     high = min(low + step, most)
     while low < high:
         mid = (low + high + 1) // 2
-        if a[la - mid : la - low] == b[lb - mid : lb - low]:
+        if a[ahi - mid : ahi - low] == b[bhi - mid : bhi - low]:
             low = mid
         else:
             high = mid - 1
