@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select, text
 
 from . import content, delta, timeparse
-from .errors import ArchiveError, BadInput, NotFound
+from .errors import BadInput, NotFound
 from .events import (
     CREATED,
     DELETED,
@@ -35,7 +35,7 @@ from .events import (
     Event,
     hash_event,
 )
-from .replay import ContentCache, load, load_one
+from .replay import ContentCache, load, load_one, preload
 from .store import Cursor, Store, contents, doc_names, documents, events
 
 TimeLike = int | str | datetime
@@ -175,7 +175,7 @@ _HOT_TIMELINE = {
     for known in (False, True)
 }
 _HOT_DOC = f"SELECT {_DOC_OF_KEY}"
-_LATEST = 2**62  # "now": later than any stored time
+_LATEST = timeparse.LATEST
 
 
 class Archive:
@@ -662,17 +662,8 @@ class Reader:
         `snapshot` calls that follow. Up to a quarter of the cache; a damaged content is left
         for its own `snapshot` to report."""
         cache = self.arc.cache
-        ids, room = [], cache.budget // 4
-        for ev in events:
-            if ev.content_id is None or cache.checked(ev.content_id):
-                continue
-            if ev.size > room:
-                break
-            ids.append(ev.content_id)
-            room -= ev.size
-        if len(ids) > 1:
-            with suppress(ArchiveError):
-                load(self.cur, ids, cache)
+        wanted = ((ev.content_id, ev.size) for ev in events if ev.content_id is not None)
+        preload(self.cur, wanted, cache, cache.budget // 4, keep=True)
 
 
 def _rename(
@@ -860,26 +851,15 @@ class _BatchWriter:
         """The bytes of the bases this batch will diff against, read in bulk: one chain query
         per 500 documents instead of one each, when a batch spans many documents whose last
         versions have left the cache. At most BASES_UP_TO bytes are held."""
-        cache, held = self.arc.cache, 0
-        wanted: dict[int, None] = {}  # in batch order, each once
+        wanted = []
         for v, sha in zip(self.batch, self.hashes, strict=True):
             doc = self.docs.get(v.key)
             if sha is None or sha in self.contents or doc is None or doc.content_id is None:
                 continue
             state = self.contents_by_id.get(doc.content_id)
-            if state is None or state.depth >= self.arc.keyframe_interval:
-                continue  # the new version will be a keyframe
-            if doc.content_id in wanted or cache.checked(doc.content_id):
-                continue
-            if held + state.size > BASES_UP_TO:
-                continue
-            wanted[doc.content_id] = None
-            held += state.size
-        if len(wanted) > 1:
-            # A base that cannot be rebuilt may never be needed (a back-dated version diffs
-            # against another): it is left to fail where it is used, if it is.
-            with suppress(ArchiveError):
-                self.bases = load(self.cur, wanted, cache, keep=False)
+            if state is not None and self._has_room(doc.content_id):  # else: a keyframe
+                wanted.append((doc.content_id, state.size))
+        self.bases = preload(self.cur, wanted, self.arc.cache, BASES_UP_TO, keep=False)
 
     def _select_in(self, sql: str, values: list[Any]) -> Iterator[Any]:
         for start in range(0, len(values), 500):
@@ -942,7 +922,7 @@ class _BatchWriter:
         return Recorded(v.key, kind, self._append(doc, kind, at, known, v.meta))
 
     def _new_doc(self, key: str) -> _DocState:
-        doc = _DocState(self.next_doc, key, 0, GENESIS, -(2**62), None, is_new=True, dirty=True)
+        doc = _DocState(self.next_doc, key, 0, GENESIS, -_LATEST, None, is_new=True, dirty=True)
         self.next_doc += 1
         self.docs[key] = doc
         return doc
@@ -954,9 +934,7 @@ class _BatchWriter:
         text: bool | None = None  # unknown until it matters
         # A full chain ends in a keyframe, always: other bases are tried only when the
         # chain has room (else older bases would keep long chains from ever ending).
-        if len(data) <= content.DELTA_UP_TO and base_id is not None and (
-            self._content_by_id(base_id).depth < self.arc.keyframe_interval
-        ):
+        if len(data) <= content.DELTA_UP_TO and base_id is not None and self._has_room(base_id):
             try:
                 row = self._delta_row(data, base_id)
                 if row is None or _large(row, data):
@@ -980,8 +958,7 @@ class _BatchWriter:
     def _delta_row(self, data: bytes, base_id: int) -> dict[str, Any] | None:
         """A delta against the base if the chain has room, the base is text and the delta is
         smaller. Raises UnicodeDecodeError if `data` is not text."""
-        base_state = self._content_by_id(base_id)
-        if base_state.depth + 1 > self.arc.keyframe_interval:
+        if not self._has_room(base_id):
             return None
         base_data = self._bytes(base_id)
         if not self._is_text(base_id, base_data):
@@ -992,7 +969,12 @@ class _BatchWriter:
         # when the delta is at least that large (a rare miss costs bytes, never exactness).
         if len(blob) * 3 >= len(data) and len(blob) >= len(content.pack(data)[1]):
             return None
-        return {"base_id": base_id, "depth": base_state.depth + 1, "codec": codec, "data": blob}
+        depth = self._content_by_id(base_id).depth + 1
+        return {"base_id": base_id, "depth": depth, "codec": codec, "data": blob}
+
+    def _has_room(self, base_id: int) -> bool:
+        """Whether a delta on this base keeps its chain within keyframe_interval deltas."""
+        return self._content_by_id(base_id).depth < self.arc.keyframe_interval
 
     def _is_text(self, content_id: int, data: bytes) -> bool:
         """Whether a base is text. Deltas are made only to texts, so only a keyframe (one in
@@ -1023,7 +1005,7 @@ class _BatchWriter:
         # their common prefix and suffix leave over, and only a clearly closer one is diffed.
         ranked = []
         for candidate in list(dict.fromkeys(c for c in recent if c != tried))[:BASES_TRIED]:
-            if self._content_by_id(candidate).depth < self.arc.keyframe_interval:
+            if self._has_room(candidate):
                 ranked.append((delta.changed_bytes(self._bytes(candidate), data), candidate))
         if not ranked:
             return best

@@ -127,4 +127,4 @@ def _answer(reader: Reader, requests: list[tuple[str, int | None]], sink: Binary
 
 def _order(request: tuple[str, int | None]) -> tuple[str, int]:
     key, at = request
-    return key, at if at is not None else 2**62
+    return key, at if at is not None else timeparse.LATEST

@@ -29,8 +29,9 @@ _OPS = {"=": 0, "-": -1, "+": 1}
 # inputs always give the same delta.
 CHARS_UP_TO = 400
 WORDS_UP_TO = 64_000
-# A changed middle larger than this is not diffed at all: it is replaced whole, and the
-# writer then stores a keyframe (the delta is not smaller than the full copy).
+# Characters (both sides) that the parts without anchors of one diff may hand to `_middle`;
+# past that a part is replaced whole, and the writer then stores a keyframe if the delta is
+# not smaller than the full copy.
 MIDDLE_UP_TO = 4_000_000
 _WORDS = re.compile(r"\s+|\S+")
 # A replaced block is diffed by words only while (words before) x (words after) stays below
@@ -244,8 +245,6 @@ def _chars(old: str, new: str) -> list[tuple[int, str]]:
 def _middle(old: str, new: str) -> list[tuple[int, str]]:
     if len(old) + len(new) <= CHARS_UP_TO:
         return _chars(old, new)
-    if len(old) + len(new) > MIDDLE_UP_TO:
-        return [(op, text) for op, text in ((-1, old), (1, new)) if text]
     return _by_tokens(_pieces(old), _pieces(new), _words)
 
 
@@ -413,12 +412,7 @@ def apply_chain(base: str | bytes, deltas: list[bytes | str]) -> str | bytes:
         if step.startswith(UTF8_FORM):
             buffer = _apply8(buffer, step)
         else:  # an older form: through UTF-16, as it counts
-            utf16 = buffer.decode("utf-8").encode("utf-16-be")
-            text = step.decode("utf-8")
-            if text.startswith(UTF16_FORM.decode()):
-                rebuilt = _apply16(utf16, text)
-            else:
-                rebuilt = b"".join(p for op, p in _ops16(utf16, text) if op != -1)
+            rebuilt = _apply16(buffer.decode("utf-8").encode("utf-16-be"), step.decode("utf-8"))
             buffer = rebuilt.decode("utf-16-be").encode("utf-8")
     return buffer.decode("utf-8") if as_str else buffer
 
@@ -473,7 +467,8 @@ def _ops8(buffer: bytes, delta: bytes) -> list[tuple[int, bytes]]:
 
 
 def _apply16(buffer: bytes, delta: str) -> bytes:
-    """The earlier stored form (UTF-16 counts) over a UTF-16-BE buffer."""
+    """A UTF-16-counted delta (the earlier stored form, or diff_toDelta's own) over a
+    UTF-16-BE buffer."""
     return b"".join(piece for op, piece in _ops16(buffer, delta) if op != -1)
 
 

@@ -183,6 +183,27 @@ def load(
     return found
 
 
+def preload(
+    cur: Cursor, wanted: Iterable[tuple[int, int]], cache: ContentCache, room: int, *, keep: bool
+) -> dict[int, bytes]:
+    """Contents read ahead in bulk (`load`) for the reads or diffs that follow: of the
+    (id, size) pairs, those not cached, each once, while their sizes fit in `room` bytes.
+    A content that cannot be rebuilt may never be needed: then nothing is returned, and each
+    read reports it where it is needed, if it is."""
+    ids: dict[int, None] = {}
+    for content_id, size in wanted:
+        if content_id in ids or cache.checked(content_id) or size > room:
+            continue
+        ids[content_id] = None
+        room -= size
+    if len(ids) < 2:  # one is read as well on its own
+        return {}
+    try:
+        return load(cur, ids, cache, keep=keep)
+    except Damaged:
+        return {}
+
+
 def load_one(cur: Cursor, content_id: int, cache: ContentCache) -> bytes:
     """The verified content of one id (the hot path of a read): from the cache, or walked in
     memory to a cached ancestor, or with its chain fetched in one query."""

@@ -20,6 +20,7 @@ ACCEPTED = (
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = 2**62  # "now" as a stored time: later than any stored time
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
