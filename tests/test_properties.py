@@ -303,3 +303,50 @@ def test_a_moved_block_costs_about_the_smaller_side():
     stored = delta.make(text, swapped)
     assert delta.apply(text, stored) == swapped
     assert len(stored) < len(short.encode()) + 200 < len(long.encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(old=long_texts, plan=edits)
+def test_a_patch_applies_alike_to_small_and_large_bases_and_again(old, plan):
+    """A parsed delta gives the same bytes however it is applied: joined in one take (small
+    bases), from slice views (large bases), and a second time (replay keeps parsed deltas)."""
+    from archive import delta
+
+    new = _edited(old, plan)
+    patch = delta.patch(delta.make(old, new))
+    base = old.encode()
+    assert patch.apply(base) == new.encode()
+    assert patch.apply(base) == new.encode()
+    saved = delta._SPLICE_UP_TO
+    try:
+        delta._SPLICE_UP_TO = 0
+        assert patch.apply(base) == new.encode()
+    finally:
+        delta._SPLICE_UP_TO = saved
+
+
+def test_a_damaged_delta_is_a_value_error_never_a_wrong_result():
+    """Whatever damage a stored delta has, parsing or applying it raises ValueError (which
+    replay reports as damage), never another error or bytes that merely look right."""
+    import pytest
+
+    from archive import delta
+
+    base = b"abcdef"
+    damaged = [
+        b"\x02=6",  # no inserted-text section
+        b"\x02=6\t\x00",  # an empty operation
+        b"\x02=3\t+5\x00ab",  # inserts more than it carries
+        b"\x02=6\x00xyz",  # carries text it never inserts
+        b"\x02=6\t+\x00",  # a count missing
+        b"\x02=-6\x00",  # a negative count
+        b"\x02=\xd9\xa1\x00",  # a non-ASCII digit
+        b"\x02*6\x00",  # an unknown operation
+        b"\x02=5\x00",  # shorter than its base
+        b"\x02=7\x00",  # longer than its base
+    ]
+    for stored in damaged:
+        with pytest.raises(ValueError):
+            delta.patch(stored).apply(base)
+    assert delta.patch(b"\x02=2\t+0\t-1\t+2\t=3\x00xy").apply(base) == b"abxydef"
+    assert delta.patch(b"\x02-6\x00").apply(base) == b""
