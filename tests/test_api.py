@@ -536,6 +536,48 @@ def _two_keyframes(arc):
     return arc.history("victim.txt")[0], arc.history("donor.txt")[0]
 
 
+def test_keyframes_are_zstd_small_payloads_zlib_or_raw_and_all_replay(db_url):
+    """Each stored blob's codec follows from its payload's size (zstd above ZSTD_FROM, zlib
+    below where it shrinks, raw where nothing does), and a zstd frame with a flipped byte is
+    reported as damage, never returned."""
+    from archive import content
+
+    text = seed("002")
+    assert len(text) > content.ZSTD_FROM
+    with Archive(db_url) as arc:
+        arc.record("big.txt", text, at="2020-01-02T10:00:00Z")
+        arc.record("big.txt", text + b"\nUpdate: more.\n", at="2020-01-02T11:00:00Z")
+        arc.record("small.txt", b"x" * 300, at="2020-01-02T10:00:00Z")
+        arc.record("tiny.txt", b"ab", at="2020-01-02T10:00:00Z")
+    codecs = dict(raw_rows(db_url, "SELECT size, codec FROM contents"))
+    assert codecs[len(text)] == content.ZSTD  # a keyframe
+    assert codecs[len(text) + 15] == content.RAW  # a small delta that zlib would not shrink
+    assert codecs[300] == content.ZLIB
+    assert codecs[2] == content.RAW
+    with reader(db_url) as fresh:
+        assert fresh.show("big.txt", at="2020-01-02T10:30:00Z").data == text
+        assert fresh.show("big.txt").data == text + b"\nUpdate: more.\n"
+    [(keyframe_id, blob)] = raw_rows(
+        db_url, f"SELECT id, data FROM contents WHERE codec = {content.ZSTD}"
+    )
+    flipped = bytearray(blob)
+    flipped[len(flipped) // 2] ^= 0xFF
+    raw_sql(
+        db_url,
+        f"UPDATE contents SET data = {_blob_literal(db_url, bytes(flipped))}"
+        f" WHERE id = {keyframe_id}",
+        bypass=("contents",),
+    )
+    with reader(db_url) as fresh:
+        with pytest.raises(Damaged):
+            fresh.show("big.txt")
+        assert "big.txt" in json.dumps(fresh.verify(), default=str)
+
+
+def _blob_literal(db_url: str, data: bytes) -> str:
+    return f"X'{data.hex()}'" if dialect(db_url) == "sqlite" else f"'\\x{data.hex()}'::bytea"
+
+
 def test_replay_fails_loudly_on_tampered_keyframe(arc, db_url):
     victim, donor = _two_keyframes(arc)
     copy_stored_blob(db_url, into=victim.content_id, source=donor.content_id)
