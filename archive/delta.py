@@ -11,7 +11,6 @@ replay applies them exactly, as `diff_fromDelta` does, never the fuzzy `patch_ap
 from __future__ import annotations
 
 import re
-from operator import itemgetter
 from urllib.parse import unquote
 
 import fast_diff_match_patch
@@ -425,90 +424,46 @@ def apply_chain(base: str | bytes, deltas: list[bytes | str]) -> str | bytes:
     as_str = isinstance(base, str)
     buffer = base.encode("utf-8") if as_str else bytes(base)
     for step in deltas:
-        buffer = patch(step).apply(buffer)
+        if isinstance(step, str):
+            step = step.encode("utf-8")
+        if step.startswith(UTF8_FORM):
+            buffer = _apply8(buffer, step)
+        else:  # an older form: through UTF-16, as it counts
+            rebuilt = _apply16(buffer.decode("utf-8").encode("utf-16-be"), step.decode("utf-8"))
+            buffer = rebuilt.decode("utf-16-be").encode("utf-8")
     return buffer.decode("utf-8") if as_str else buffer
 
 
-def patch(stored: bytes | str) -> Patch | Legacy:
-    """A delta in any accepted form, parsed once, ready to apply to a UTF-8 base."""
-    if isinstance(stored, str):
-        stored = stored.encode("utf-8")
-    return Patch(stored) if stored.startswith(UTF8_FORM) else Legacy(stored)
+_WELL_FORMED = re.compile(rb"[=+-][0-9]+(?:\t[=+-][0-9]+)*")
 
 
-class Patch:
-    """A stored-form delta parsed into slices of base + inserted bytes. Replay keeps it with
-    the delta's row, so a delta used again is not parsed again, and applying it is three C
-    calls (a concatenation, one itemgetter, a join) whatever its number of operations."""
-
-    __slots__ = ("_slices", "_take", "added", "base_size", "cost")
-
-    def __init__(self, stored: bytes):
-        ops, found, added = stored[1:].partition(b"\x00")
-        if not found:
-            raise ValueError("stored delta has no inserted-text section")
-        # Inserted pieces are sliced from the end of base + added (negative offsets), so
-        # the slices are known before the base's length is.
-        slices: list[slice] = []
-        pointer, left = 0, len(added)
-        for token in ops.split(b"\t") if ops else ():
-            digits = token[1:]
-            if not digits.isdigit():
-                raise ValueError(f"invalid number in delta: {token!r}")
-            op, count = token[0], int(digits)
-            if op == 61:  # =
-                slices.append(slice(pointer, pointer + count))
-                pointer += count
-            elif op == 45:  # -
-                pointer += count
-            elif op == 43:  # +
-                if count > left:
-                    raise ValueError("stored delta inserts more text than it carries")
-                if count:
-                    slices.append(slice(-left, count - left or None))
-                    left -= count
-            else:
-                raise ValueError(f"invalid diff operation in delta: {token[:1]!r}")
-        if left:
-            raise ValueError("stored delta's inserted text does not match its operations")
-        self.base_size = pointer
-        self.added = added
-        self._slices = slices
-        self._take = itemgetter(*slices) if len(slices) > 1 else None
-        self.cost = len(added) + 120 * len(slices)  # bytes it holds, roughly
-
-    def apply(self, base: bytes) -> bytes:
-        """The new content; ValueError if `base` has not the length the delta was made on
-        (the caller still checks the hash: a wrong base of the same length passes here)."""
-        if len(base) != self.base_size:
-            raise ValueError(
-                f"delta length ({self.base_size}) does not equal source length ({len(base)})"
-            )
-        if len(base) > _SPLICE_UP_TO:  # no third copy of a large base: slice views
-            whole, added = memoryview(base), memoryview(self.added)
-            return b"".join([added[s] if s.start < 0 else whole[s] for s in self._slices])
-        whole = base + self.added if self.added else base
-        if self._take is None:
-            return whole[self._slices[0]] if self._slices else b""
-        return b"".join(self._take(whole))
-
-
-_SPLICE_UP_TO = 4 << 20  # bases up to this are joined with the inserted bytes for one take
-
-
-class Legacy:
-    """A UTF-16-counted delta (the earlier stored form, or diff_toDelta's own), applied
-    through UTF-16 as it counts: only archives written before UTF8_FORM hold these."""
-
-    __slots__ = ("cost", "stored")
-
-    def __init__(self, stored: bytes):
-        self.stored = stored.decode("utf-8")
-        self.cost = len(stored)
-
-    def apply(self, base: bytes) -> bytes:
-        rebuilt = _apply16(base.decode("utf-8").encode("utf-16-be"), self.stored)
-        return rebuilt.decode("utf-16-be").encode("utf-8")
+def _apply8(buffer: bytes, delta: bytes) -> bytes:
+    """The hot path of replay: one stored-form delta over UTF-8 bytes, in one pass. The
+    operations are checked by one regular expression first, so the loop does no checking.
+    (Parsing into slices once and keeping them was tried: most deltas are applied once, and
+    building the slices cost twice this pass on main's deltas, 5.0 us against 2.35.)"""
+    ops, found, added = delta[1:].partition(b"\x00")
+    if not found:
+        raise ValueError("stored delta has no inserted-text section")
+    if ops and _WELL_FORMED.fullmatch(ops) is None:
+        raise ValueError(f"invalid operations in delta: {ops[:40]!r}")
+    pieces: list[bytes] = []
+    append = pieces.append
+    pointer = cursor = 0
+    for token in ops.split(b"\t") if ops else ():
+        count = int(token[1:])
+        op = token[0]
+        if op == 61:  # =
+            append(buffer[pointer : pointer + count])
+            pointer += count
+        elif op == 45:  # -
+            pointer += count
+        else:  # +
+            append(added[cursor : cursor + count])
+            cursor += count
+    if pointer != len(buffer) or cursor != len(added):
+        raise ValueError(f"delta length ({pointer}) does not equal source length ({len(buffer)})")
+    return b"".join(pieces)
 
 
 def _ops8(buffer: bytes, delta: bytes) -> list[tuple[int, bytes]]:

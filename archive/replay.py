@@ -26,9 +26,9 @@ class ContentCache:
       is verified (its size and SHA-256 checked); the contents a replay passed through on its
       way up the chain are kept too, marked unchecked: they serve as bases at once (the result
       built on them is checked, always), and are checked before they are ever returned.
-    - the stored rows of deltas already read or written (a few dozen bytes each, parsed into
-      a `delta.Patch` when first used), so that a chain reaching a cached content is walked
-      in memory instead of asked of the database, and a delta is parsed once.
+    - the stored rows of deltas already read or written (a few dozen bytes each, decompressed
+      when first used), so that a chain reaching a cached content is walked in memory instead
+      of asked of the database.
     """
 
     def __init__(self, budget: int = 64 << 20):
@@ -40,7 +40,6 @@ class ContentCache:
         # time) never pushes out what reads asked for.
         self._passed: OrderedDict[int, bytes] = OrderedDict()
         self.rows: dict[int, Any] = {}
-        self._patches: dict[int, delta.Patch | delta.Legacy] = {}  # of remembered rows
         self._rows_used = 0
 
     def get(self, content_id: int) -> bytes | None:
@@ -85,7 +84,7 @@ class ContentCache:
 
     def keep_rows(self, rows: Iterable[Any]) -> None:
         """Remember stored delta rows as read (keyframes are remembered rebuilt, by `put`);
-        a row's delta is parsed when a replay first uses it (`patch`). Past a quarter of the
+        a row is decompressed when a replay first uses it (`payload`). Past a quarter of the
         budget the rows are all dropped: cheaper than an LRU per row."""
         for row in rows:
             data = row[_DATA]
@@ -95,28 +94,28 @@ class ContentCache:
                 continue
             if self._rows_used > self.budget // 4:
                 self.rows.clear()
-                self._patches.clear()
                 self._rows_used = 0
             self.rows[row[_ID]] = tuple(row)
             self._rows_used += len(data) + _ROW_OVERHEAD
 
-    def patch(self, row: Any) -> delta.Patch | delta.Legacy:
-        """A row's delta, decompressed and parsed; a remembered row's is parsed once."""
-        found = self._patches.get(row[_ID])
-        if found is not None:
-            return found
-        made = delta.patch(content.unpack(row[_CODEC], row[_DATA]))
-        if row[_ID] in self.rows:
-            self._patches[row[_ID]] = made
-            self._rows_used += made.cost
-        return made
+    def payload(self, row: Any) -> bytes:
+        """A row's delta, decompressed; a remembered row is decompressed once."""
+        kept = self.rows.get(row[_ID])
+        if kept is not None:
+            row = kept
+        if row[_CODEC] == content.RAW:
+            return bytes(row[_DATA])
+        data = content.unpack(row[_CODEC], row[_DATA])
+        if kept is not None:
+            self.rows[row[_ID]] = (*kept[:_CODEC], content.RAW, data)
+            self._rows_used += len(data) - len(kept[_DATA])
+        return data
 
     def clear(self) -> None:
         self._checked.clear()
         self._passed.clear()
         self.used = 0
         self.rows.clear()
-        self._patches.clear()
         self._rows_used = 0
 
 
@@ -306,8 +305,8 @@ class _Overlay(ContentCache):
     def keep_rows(self, rows: Iterable[Any]) -> None:
         pass  # a bulk load's rows are used once
 
-    def patch(self, row: Any) -> delta.Patch | delta.Legacy:
-        return self.under.patch(row)  # the rows are the shared cache's
+    def payload(self, row: Any) -> bytes:
+        return self.under.payload(row)  # the rows are the shared cache's
 
     def forget_unchecked(self) -> None:
         super().forget_unchecked()
@@ -363,7 +362,7 @@ def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> byte
     passed = []
     try:
         for steps, row in enumerate(chain, start=1):
-            data = cache.patch(row).apply(data)
+            data = delta.apply_chain(data, [cache.payload(row)])
             if steps % PASSED_EVERY == 0:
                 passed.append((row[_ID], data))
     except (ValueError, UnicodeDecodeError, zlib.error):
@@ -394,7 +393,7 @@ def _rebuild_stepwise(base: bytes, chain: list[Any], cache: ContentCache) -> byt
     """Each delta applied and checked on its own: raises Damaged naming the first bad one."""
     for row in chain:
         try:
-            base = cache.patch(row).apply(base)
+            base = delta.apply_chain(base, [cache.payload(row)])
         except (ValueError, UnicodeDecodeError, zlib.error) as error:
             raise Damaged(f"content {row[_ID]}: delta does not apply: {error}") from None
         _check(row, base)
