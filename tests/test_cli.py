@@ -805,6 +805,38 @@ def test_export_tar_with_known_at(db_url, lib, tmp_path):
     assert manifest["position"] < max(e.position for e in lib.log())
 
 
+def test_tar_export_writes_the_bytes_tarfile_would(tmp_path):
+    """The export's tar writer gives byte for byte what tarfile's PAX format gives, for
+    names that fit a ustar header and for those that need a pax header (non-ASCII, long)."""
+    import io
+
+    from archive import export
+
+    members = [
+        ("a.txt", b"alpha\n", 1_600_000_000),
+        ("news/2020/01/live.txt", b"x" * 513, 0),
+        ("empty.txt", b"", 1),
+        ("d" * 100, b"a name of exactly 100 bytes", 1_600_000_001),
+        ("d" * 101, b"one byte too long", 1_600_000_002),
+        ("خبر/گزارش 👍.txt", "متن".encode(), 1_600_000_003),
+        ("deep/" * 40 + "x.txt", b"long path", 1_600_000_004),
+    ]
+    ours = io.BytesIO()
+    written = sum(export._member(ours, name, data, mtime) for name, data, mtime in members)
+    assert written == len(ours.getvalue())
+    theirs = io.BytesIO()
+    with tarfile.open(fileobj=theirs, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, mtime in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, mtime
+            tar.addfile(info, io.BytesIO(data))
+    assert theirs.getvalue().startswith(ours.getvalue())
+    assert export._ustar_header("a.txt", 6, 1_600_000_000) is not None
+    assert export._ustar_header("d" * 101, 1, 0) is None
+    assert export._ustar_header("خبر.txt", 1, 0) is None
+    assert export._ustar_header("big", 8**11, 0) is None
+
+
 def test_export_default_target_under_cwd(db_url, lib, tmp_path):
     expected = _corpus(lib)
     work = tmp_path / "work"
