@@ -501,8 +501,8 @@ def _batch_answers(out: bytes) -> list[tuple[str, str, bytes | None]]:
 
 
 def test_show_batch_answers_every_line_like_show(db_url, lib, tmp_path):
-    """Each line answered as `show --at` would, whether it is a document's first read (one
-    query) or a later one (its timeline): several reads per document, in shuffled order,
+    """Each line answered as `show --at` would, whether it is one of a document's first reads
+    (one query each) or a later one (its timeline): over 16 reads per document, shuffled,
     before creation, after deletion, back-filled versions, an old name, and --known-at."""
     t0 = datetime(2020, 1, 2, 10, tzinfo=UTC)
     texts = [seed(f"{n:03d}") for n in range(3)]
