@@ -86,6 +86,6 @@ def unpack(codec: int, blob: bytes) -> bytes:
 
         try:  # the frame carries the payload's size: the output is allocated once
             return zstandard.ZstdDecompressor().decompress(blob)
-        except zstandard.ZstdError as error:
-            raise ValueError(f"zstd: {error}") from None
+        except (zstandard.ZstdError, MemoryError) as error:  # a damaged size asks for exabytes
+            raise ValueError(f"zstd: {error or 'declared size cannot be allocated'}") from None
     raise ValueError(f"unknown codec {codec}")

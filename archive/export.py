@@ -12,7 +12,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import timeparse
 from .errors import BadInput
@@ -178,7 +178,7 @@ def _write_tar(arc: Archive, found: list[Event], manifest: dict, target: Path) -
         raise
 
 
-def _member(raw, name: str, data: bytes, mtime: int) -> int:
+def _member(raw: BinaryIO, name: str, data: bytes, mtime: int) -> int:
     """Write one regular file (mode 0644) into a tar stream; returns the bytes written."""
     header = _ustar_header(name, len(data), mtime)
     if header is None:  # a name or number that needs a pax extended header

@@ -363,7 +363,7 @@ def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> byte
     try:
         for steps, row in enumerate(chain, start=1):
             data = delta.apply_chain(data, [cache.payload(row)])
-            if steps % PASSED_EVERY == 0:
+            if steps % PASSED_EVERY == 0 and steps < len(chain):  # the top is kept below
                 passed.append((row[_ID], data))
     except (ValueError, UnicodeDecodeError, zlib.error):
         data = None

@@ -581,6 +581,10 @@ def test_keyframes_are_zstd_small_payloads_zlib_or_raw_and_all_replay(db_url):
         with pytest.raises(Damaged):
             fresh.show("big.txt")
         assert "big.txt" in json.dumps(fresh.verify(), default=str)
+    forged = bytearray(blob)
+    forged[4:14] = b"\xff" * 10  # a frame header declaring an absurd size
+    with pytest.raises(ValueError):
+        content.unpack(content.ZSTD, bytes(forged))
 
 
 def _blob_literal(db_url: str, data: bytes) -> str:
