@@ -69,7 +69,7 @@ def byte_ops(old: bytes, new: bytes) -> list[tuple[int, bytes]]:
 # a run found more than once is lengthened, up to LONGEST_ANCHOR.
 ANCHOR = 64
 LONGEST_ANCHOR = 4096
-# Parts at most this many bytes (both sides) are diffed by characters, not split further.
+# Parts at most this many bytes (both sides) are not split further: diffed by words (_leaf).
 LEAF = 400
 # Parts this small are replaced whole: semantic clean-up turns a changed word into a delete
 # and an insert anyway, and each call of the C++ diff costs a few clock_gettime system calls
@@ -255,8 +255,9 @@ def _trimmed_run(old: str, new: str) -> list[tuple[int, str]]:
     return _trimmed(old, new, _replaced)
 
 
-def _replaced(old: str, new: str) -> list[tuple[int, str]]:
-    return [(op, text) for op, text in ((-1, old), (1, new)) if text]
+def _replaced(old, new) -> list:
+    """`old` deleted and `new` inserted, whichever is not empty (texts or token lists)."""
+    return [(op, part) for op, part in ((-1, old), (1, new)) if part]
 
 
 def _middle(old: str, new: str) -> list[tuple[int, str]]:
@@ -300,7 +301,7 @@ def _words(old: str, new: str) -> list[tuple[int, str]]:
 
 def _words_middle(old: str, new: str) -> list[tuple[int, str]]:
     if not old or not new:
-        return [(op, text) for op, text in ((-1, old), (1, new)) if text]
+        return _replaced(old, new)
     if len(old) + len(new) <= CHARS_UP_TO:
         return _chars(old, new)
     if len(old) + len(new) > WORDS_UP_TO:
@@ -318,7 +319,7 @@ def _refine(old: str, new: str) -> list[tuple[int, str]]:
 def _refine_middle(old: str, new: str) -> list[tuple[int, str]]:
     if old and new and len(old) + len(new) <= CHARS_UP_TO:
         return _chars(old, new)
-    return [(op, text) for op, text in ((-1, old), (1, new)) if text]
+    return _replaced(old, new)
 
 
 def _by_tokens(a: list[str], b: list[str], replaced) -> list[tuple[int, str]]:
@@ -335,12 +336,12 @@ def _by_tokens(a: list[str], b: list[str], replaced) -> list[tuple[int, str]]:
             if gone and came:
                 result += replaced(gone, came)
             else:
-                result += [(o, t) for o, t in ((-1, gone), (1, came)) if t]
+                result += _replaced(gone, came)
             gone = came = ""
             result.append((0, text))
     if gone and came:
         return result + replaced(gone, came)
-    return result + [(o, t) for o, t in ((-1, gone), (1, came)) if t]
+    return result + _replaced(gone, came)
 
 
 def tokens_diff(a: list[str], b: list[str]) -> list[tuple[int, list[str]]]:
@@ -349,7 +350,7 @@ def tokens_diff(a: list[str], b: list[str]) -> list[tuple[int, list[str]]]:
     distinct = dict.fromkeys(a)
     distinct.update(dict.fromkeys(b))
     if len(distinct) > _MAX_TOKENS:
-        return [(op, part) for op, part in ((-1, a), (1, b)) if part]
+        return _replaced(a, b)
     # Code points from 1 up, skipping the surrogates (they cannot stand alone in a str).
     table = {
         token: chr(n if n < 0xD800 else n + 0x800) for n, token in enumerate(distinct, start=1)

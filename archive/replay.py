@@ -135,20 +135,20 @@ _CHAIN = """
     SELECT c.id, c.sha256, c.size, c.base_id, c.codec, c.data
     FROM contents c WHERE c.id IN (SELECT id FROM chain)
 """
-# One chain (the hot path of a read): rows fetched as the recursion reaches them. A base is
-# always older than its delta; requiring it keeps a damaged (cyclic) chain from recursing
-# forever: it ends early, and replay reports the chain broken.
-_CHAIN_ONE = """
+# One chain (the hot path of a read), from one content down, at most :limit rows: rows are
+# fetched as the recursion reaches them, and the LIMIT stops the recursion (SQLite and
+# PostgreSQL both evaluate it lazily). A base is always older than its delta; requiring it
+# keeps a damaged (cyclic) chain from recursing forever: it ends early, and replay reports the
+# chain broken.
+_CHAIN_UP_TO = """
     WITH RECURSIVE chain(id, sha256, size, base_id, codec, data) AS (
         SELECT id, sha256, size, base_id, codec, data FROM contents WHERE id = :id
         UNION ALL
         SELECT c.id, c.sha256, c.size, c.base_id, c.codec, c.data
         FROM chain JOIN contents c ON c.id = chain.base_id AND c.id < chain.id
     )
-    SELECT id, sha256, size, base_id, codec, data FROM chain
+    SELECT id, sha256, size, base_id, codec, data FROM chain LIMIT :limit
 """
-
-_CHAIN_UP_TO = _CHAIN_ONE + " LIMIT :limit"  # the recursion stops there (SQLite, PostgreSQL)
 
 # Columns of a chain row.
 _ID, _SHA, _SIZE, _BASE, _CODEC, _DATA = range(6)
@@ -170,7 +170,7 @@ def load(
         if cache.checked(content_id):
             found[content_id] = cache.get(content_id)  # type: ignore[assignment]
             continue
-        walked = _walk(content_id, cache)
+        walked = _gather(None, content_id, cache)
         if walked is None:
             missing.append(content_id)
         else:
@@ -209,16 +209,20 @@ def preload(
 
 def load_one(cur: Cursor, content_id: int, cache: ContentCache) -> bytes:
     """The verified content of one id (the hot path of a read): from the cache, or walked in
-    memory to a cached ancestor, or with its chain fetched in one query."""
+    memory to a cached ancestor, or with the rest of its chain fetched (`_gather`)."""
     if cache.checked(content_id):
         return cache.get(content_id)  # type: ignore[return-value]
-    return _rebuild_checked(cur, content_id, _gather(cur, content_id, cache), cache)
+    gathered = _gather(cur, content_id, cache)
+    assert gathered is not None  # with a cursor, rows are fetched where not remembered
+    return _rebuild_checked(cur, content_id, gathered, cache)
 
 
-def _gather(cur: Cursor, content_id: int, cache: ContentCache) -> dict[int, Any]:
-    """The rows from `content_id` down to a cached content or a keyframe: remembered rows
-    are walked in memory, and where one is missing the chain is fetched from there, a few
-    rows first (most reads find a cached ancestor close by), then four times as many."""
+def _gather(cur: Cursor | None, content_id: int, cache: ContentCache) -> dict[int, Any] | None:
+    """The rows from `content_id` down to a cached content or a keyframe (the first row is
+    always included: it is what the result is checked against). Remembered rows are walked
+    in memory; where one is missing the chain is fetched from there, a few rows first (most
+    reads find a cached ancestor close by), then four times as many; without a cursor, None
+    (a bulk load fetches those chains together)."""
     remembered = cache.rows
     gathered: dict[int, Any] = {}
     current: int | None = content_id
@@ -226,6 +230,8 @@ def _gather(cur: Cursor, content_id: int, cache: ContentCache) -> dict[int, Any]
     while current is not None:
         row = gathered.get(current) or remembered.get(current)
         if row is None:
+            if cur is None:
+                return None
             fetched = cur.execute(_CHAIN_UP_TO, {"id": current, "limit": limit}).fetchall()
             cache.keep_rows(fetched)
             gathered.update((r[_ID], r) for r in fetched)
@@ -243,30 +249,6 @@ def _gather(cur: Cursor, content_id: int, cache: ContentCache) -> dict[int, Any]
 
 
 _FETCH_FIRST = 8
-
-
-def _fetch(cur: Cursor, content_id: int, cache: ContentCache) -> dict[int, Any]:
-    """The chain of one content from storage, its delta rows kept by the cache."""
-    fetched = cur.execute(_CHAIN_ONE, {"id": content_id}).fetchall()
-    cache.keep_rows(fetched)
-    return {row[_ID]: row for row in fetched}
-
-
-def _walk(content_id: int, cache: ContentCache) -> dict[int, Any] | None:
-    """The remembered rows from `content_id` down to a cached content (the first row is
-    always included: it is what the result is checked against), or None where one is not
-    remembered (then the chain comes from storage)."""
-    rows = cache.rows
-    walked: dict[int, Any] = {}
-    current: int | None = content_id
-    while True:
-        row = rows.get(current)
-        if row is None or not _older_base(row):
-            return None
-        walked[current] = row
-        current = row[_BASE]
-        if current is None or cache.holds(current):
-            return walked
 
 
 def rebuild_row(cur: Cursor, row: Any, cache: ContentCache) -> bytes:
@@ -322,8 +304,10 @@ def _rebuild_checked(cur: Cursor, content_id: int, rows: dict[int, Any], cache: 
     try:
         return _rebuild(content_id, rows, cache)
     except _UncheckedBase:
-        cache.forget_unchecked()
-        return _rebuild(content_id, _fetch(cur, content_id, cache), cache)
+        cache.forget_unchecked()  # the rows are storage's: only the unchecked bases go
+        again = _gather(cur, content_id, cache)
+        assert again is not None
+        return _rebuild(content_id, again, cache)
 
 
 def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> bytes:
