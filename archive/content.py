@@ -8,6 +8,7 @@ characters come back byte-identical.
 from __future__ import annotations
 
 import hashlib
+import threading
 import zlib
 
 # Codecs of a stored blob (the `codec` column): what to undo to get the payload back.
@@ -53,10 +54,8 @@ def pack(payload: bytes) -> tuple[int, bytes]:
     payload alone (its size, then whether the result is smaller), so the same payload is
     always stored alike."""
     if len(payload) > ZSTD_FROM:
-        import zstandard  # imported where first needed: `show` of a small delta never is
-
         level = _ZSTD_LEVEL if len(payload) <= DELTA_UP_TO else _ZSTD_LEVEL_LARGE
-        packed = zstandard.ZstdCompressor(level=level, write_checksum=False).compress(payload)
+        packed = _zstd_codec(level).compress(payload)
         if len(packed) < len(payload):
             return ZSTD, packed
     elif len(payload) > 64:
@@ -85,7 +84,30 @@ def unpack(codec: int, blob: bytes) -> bytes:
         import zstandard
 
         try:  # the frame carries the payload's size: the output is allocated once
-            return zstandard.ZstdDecompressor().decompress(blob)
+            return _zstd_codec(None).decompress(blob)
         except (zstandard.ZstdError, MemoryError) as error:  # a damaged size asks for exabytes
             raise ValueError(f"zstd: {error or 'declared size cannot be allocated'}") from None
     raise ValueError(f"unknown codec {codec}")
+
+
+_codecs = threading.local()
+
+
+def _zstd_codec(level: int | None):
+    """This thread's zstd decompressor (level None) or compressor at `level`, made once:
+    making a new one for each call cost half the inflation of a 12 KB keyframe (18.7 us
+    against 8.7) and a tenth of a compression. The same frames come out; zstandard's
+    contexts may be reused, one thread at a time, hence one set per thread."""
+    made = getattr(_codecs, "made", None)
+    if made is None:
+        made = _codecs.made = {}
+    codec = made.get(level)
+    if codec is None:
+        import zstandard  # imported where first needed: `show` of a small delta never is
+
+        codec = made[level] = (
+            zstandard.ZstdDecompressor()
+            if level is None
+            else zstandard.ZstdCompressor(level=level, write_checksum=False)
+        )
+    return codec

@@ -14,6 +14,7 @@ import sqlite3
 import time
 import unicodedata
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -585,6 +586,18 @@ def test_keyframes_are_zstd_small_payloads_zlib_or_raw_and_all_replay(db_url):
     forged[4:14] = b"\xff" * 10  # a frame header declaring an absurd size
     with pytest.raises(ValueError):
         content.unpack(content.ZSTD, bytes(forged))
+    with pytest.raises(ValueError):
+        content.unpack(content.ZSTD, blob[: len(blob) // 2])  # a cut frame
+    # Each thread reuses its own zstd contexts: a failed frame leaves nothing behind, and
+    # threads packing and unpacking at once get their own bytes back.
+    assert content.unpack(content.ZSTD, blob) == content.unpack(*content.pack(text))
+    payloads = [text[i:] + text[:i] for i in range(0, 8000, 1000)]
+
+    def round_trip(payload: bytes) -> bool:
+        return all(content.unpack(*content.pack(payload)) == payload for _ in range(20))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(round_trip, payloads))
 
 
 def _blob_literal(db_url: str, data: bytes) -> str:

@@ -332,3 +332,26 @@ def test_a_damaged_delta_is_a_value_error_never_a_wrong_result():
     assert delta.apply_chain(base, [b"\x02-6\x00"]) == b""
     many = b"\x02" + b"\t".join([b"=1"] * 200_000) + b"\x00"  # one regular expression
     assert delta.apply_chain(b"x" * 200_000, [many]) == b"x" * 200_000
+
+
+def test_a_few_lines_against_a_page_many_times_longer_are_replaced_unless_a_run_of_it():
+    """A diff of a short side against a far longer one costs at least the square of the
+    difference and can keep only the short side: past LOPSIDED_* it is replaced whole,
+    unless it is one run of the long side, which is kept. Either way the delta is exact."""
+    from archive import delta
+
+    page = [f"paragraph {i} of a long page\n" for i in range(1000)]
+    scattered, run = page[::25], page[300:340]
+    assert len(page) - len(scattered) > delta.LOPSIDED_FROM
+    assert len(scattered) * delta.LOPSIDED_RATIO <= len(page)
+    assert delta.tokens_diff(scattered, page) == [(-1, scattered), (1, page)]
+    assert delta.tokens_diff(page, scattered) == [(-1, page), (1, scattered)]
+    chars = "".join(chr(0x100 + i) for i in range(1000))  # one character per token
+    assert delta._lopsided(chars[::25], chars) and delta._lopsided(chars, chars[::25])
+    assert not delta._lopsided(chars[300:340], chars)  # a run: the diff finds it at once
+    assert not delta._lopsided(chars[::2], chars)  # not lopsided: diffed as before
+    near = page[:600]
+    assert delta.tokens_diff(near, page) == [(0, near), (1, page[600:])]
+    for old, new in ((scattered, page), (page, scattered), (run, page)):
+        old_text, new_text = "".join(old), "".join(new)
+        assert delta.apply(old_text, delta.make(old_text, new_text)) == new_text
