@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import ArchiveError, BadInput, Conflict, Damaged, Locked, NotFound, StorageError
+from .errors import (
+    ArchiveError,
+    BadInput,
+    Conflict,
+    Damaged,
+    Locked,
+    NoArchive,
+    NotFound,
+    StorageError,
+)
 
 if TYPE_CHECKING:
     from .api import ABSENT, Archive, Recorded, Snapshot, Version
@@ -20,6 +29,7 @@ __all__ = [
     "Conflict",
     "Damaged",
     "Locked",
+    "NoArchive",
     "NotFound",
     "Recorded",
     "Snapshot",

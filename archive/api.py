@@ -76,6 +76,9 @@ class Version:
     # Optimistic check: record only if the version in effect at `at` has this SHA-256
     # (ABSENT: no version); otherwise nothing is recorded and the status is "conflict".
     expect: bytes | None = None
+    # Record an event even when the bytes equal the version in effect at `at` (which is
+    # otherwise "unchanged", no event): an imported git commit that set them is a version.
+    always: bool = False
 
 
 ABSENT = b""  # `Version.expect` for "the document does not exist at that time"
@@ -199,6 +202,11 @@ class Archive:
     def url(self) -> str:
         return self.store.url
 
+    @property
+    def shown_url(self) -> str:
+        """The URL with any password masked, for messages."""
+        return self.store.shown_url
+
     def close(self) -> None:
         self.store.dispose()
 
@@ -212,6 +220,10 @@ class Archive:
         """Create or upgrade the schema; returns the schema revision."""
         self.store.ensure_schema()
         return self.store.revision() or ""
+
+    def exists(self) -> bool:
+        """Whether there is an archive at this URL already (nothing is created to find out)."""
+        return self.store.exists()
 
     def database_files(self) -> list[Path]:
         from .store import sqlite_files
@@ -238,7 +250,8 @@ class Archive:
     def record_many(self, versions: Iterable[Version]) -> list[Recorded]:
         """Record many observations in one transaction, in order; one event per change."""
         batch = [
-            Version(check_key(v.key), v.data, to_us(v.at), v.meta, v.expect) for v in versions
+            Version(check_key(v.key), v.data, to_us(v.at), v.meta, v.expect, v.always)
+            for v in versions
         ]
         if not batch:
             return []
@@ -916,7 +929,7 @@ class _BatchWriter:
             return Recorded(v.key, DELETED, self._append(doc, DELETED, at, None, v.meta))
         assert sha is not None
         known = self.contents.get(sha)
-        if current is not None and known is not None and known.id == current:
+        if current is not None and known is not None and known.id == current and not v.always:
             return Recorded(v.key, "unchanged")
         if doc is None:
             doc = self._new_doc(v.key)

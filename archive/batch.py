@@ -1,7 +1,7 @@
 """`archive show --batch`: many point-in-time reads over one process, for scripts.
 
 In the spirit of `git cat-file --batch`: each input line is `DOC<TAB>TIME` (TIME may be
-empty: now); each answer is a header `<sha256> <size> <key>`, the exact bytes and a newline,
+empty: now; the last tab ends DOC, so a key may hold tabs); each answer is a header `<sha256> <size> <key>`, the exact bytes and a newline,
 or `<key> missing` when the document did not exist then. Answers come in input order.
 
 Lines are answered as they arrive, in groups: every complete line already waiting on the
@@ -54,7 +54,9 @@ def _parse(lines: list[bytes], before: int) -> tuple[list, BadInput | None]:
             return requests, BadInput(f"line {number}: not UTF-8")
         if not line:
             continue
-        key, _, when = line.partition("\t")
+        key, tab, when = line.rpartition("\t")  # the last tab: a key may hold tabs
+        if not tab:
+            key, when = line, ""
         try:
             requests.append((key, timeparse.parse(when) if when.strip() else None))
         except BadInput as error:

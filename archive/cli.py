@@ -1,6 +1,8 @@
 """The command line: parses options, calls `archive.api.Archive`, prints. Nothing else.
 
-Exit codes: 0 success; 1 `verify` found damage; 2 usage error or bad input; 3 not found.
+Exit codes: 0 success (also when the reader of standard output closed it early); 1 `verify`
+found damage; 2 usage error, bad input, no archive there, or an output that cannot be written;
+3 not found.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import click
 
 from . import timeparse
-from .errors import ArchiveError, BadInput
+from .errors import ArchiveError, BadInput, NoArchive
 
 EXIT_DAMAGED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERNAL = 1, 2, 3, 70
 
@@ -43,11 +45,21 @@ class Context:
 
     @property
     def archive(self):
+        """The archive, created where there is none yet (for the commands that write)."""
         if self._archive is None:
             from .api import Archive
 
             self._archive = Archive(self.db)
         return self._archive
+
+    @property
+    def existing(self):
+        """The archive, for the commands that only read: they never create one (a mistyped
+        --db is an error, not a new empty archive)."""
+        arc = self.archive
+        if not arc.exists():
+            raise NoArchive(f"no archive at {arc.shown_url} (`archive init` creates one)")
+        return arc
 
     def when(self, us: int | None) -> str | None:
         return timeparse.show(us, self.tz) if us is not None else None
@@ -57,7 +69,20 @@ def _json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _PipeClosed(Exception):
+    """Standard output's reader went away (`archive show --batch … | head`)."""
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        # click turns a broken pipe into exit 1, the code of damage found: caught first.
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise _PipeClosed from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--db",
     metavar="URL|PATH",
@@ -78,7 +103,7 @@ def cli(ctx: click.Context, db: str | None, tz: str | None) -> None:
 def init(obj: Context) -> None:
     """Create the archive, or upgrade an older one."""
     revision = obj.archive.init()
-    click.echo(f"archive ready at {obj.archive.url} (schema {revision})")
+    click.echo(f"archive ready at {obj.archive.shown_url} (schema {revision})")
 
 
 @cli.command()
@@ -148,7 +173,7 @@ def _print(renderable) -> None:
 @click.pass_obj
 def history(obj: Context, doc: str, as_json: bool, known_at) -> None:
     """Every version of DOC, oldest first, with what changed."""
-    rows = obj.archive.changes(doc, known_at=known_at)
+    rows = obj.existing.changes(doc, known_at=known_at)
     if as_json:
         _json(
             [
@@ -188,13 +213,13 @@ def show(obj: Context, doc, at, version, known_at, batch: bool) -> None:
             raise click.UsageError("--batch takes its documents and times on standard input")
         from .batch import serve
 
-        serve(obj.archive, sys.stdin.buffer, sys.stdout.buffer, known_at=known_at)
+        serve(obj.existing, sys.stdin.buffer, sys.stdout.buffer, known_at=known_at)
         return
     if doc is None:
         raise click.UsageError("missing argument 'DOC'")
     if at is not None and version is not None:
         raise click.UsageError("give --at or --version, not both")
-    snap = obj.archive.show(doc, at=at, version=version, known_at=known_at)
+    snap = obj.existing.show(doc, at=at, version=version, known_at=known_at)
     out = sys.stdout.buffer
     out.write(snap.data)
     out.flush()
@@ -215,7 +240,7 @@ def show(obj: Context, doc, at, version, known_at, batch: bool) -> None:
 @click.pass_obj
 def diff(obj: Context, doc: str, from_, to, fmt: str, color) -> None:
     """The change in DOC between two versions (numbers or times; default: the last two)."""
-    result = obj.archive.diff(doc, from_, to, fmt=fmt)
+    result = obj.existing.diff(doc, from_, to, fmt=fmt)
     if fmt == "json":
         result["from"] = _event_json(obj, result["from"])
         result["to"] = _event_json(obj, result["to"])
@@ -246,7 +271,7 @@ def diff(obj: Context, doc: str, from_, to, fmt: str, color) -> None:
 @click.pass_obj
 def log(obj: Context, since, until, recorded: bool, known_at, as_json: bool) -> None:
     """The global event stream, in global order."""
-    found = obj.archive.log(
+    found = obj.existing.log(
         since=since, until=until, known_at=known_at, by="recorded" if recorded else "effective"
     )
     if as_json:
@@ -277,7 +302,7 @@ def log(obj: Context, since, until, recorded: bool, known_at, as_json: bool) -> 
 @click.pass_obj
 def export(obj: Context, at, known_at, out, fmt: str, force: bool, as_json: bool) -> None:
     """Write every document that existed at a time, plus MANIFEST.json."""
-    manifest = obj.archive.export(at=at, known_at=known_at, out=out, format=fmt, force=force)
+    manifest = obj.existing.export(at=at, known_at=known_at, out=out, format=fmt, force=force)
     if as_json:
         _json(manifest)
     else:
@@ -292,7 +317,7 @@ def export(obj: Context, at, known_at, out, fmt: str, force: bool, as_json: bool
 @click.pass_obj
 def verify(obj: Context, as_json: bool) -> None:
     """Replay every version, recompute every hash, check every chain."""
-    problems = obj.archive.verify()
+    problems = obj.existing.verify()
     stats = obj.archive.stats()
     if as_json:
         _json({"ok": not problems, "problems": problems, "documents": stats["documents"],
@@ -315,7 +340,7 @@ def verify(obj: Context, as_json: bool) -> None:
 @click.pass_obj
 def stats(obj: Context, as_json: bool) -> None:
     """Documents, events, distinct contents, raw against stored bytes."""
-    result = obj.archive.stats()
+    result = obj.existing.stats()
     if as_json:
         _json(result)
         return
@@ -398,9 +423,14 @@ def main(argv: list[str] | None = None) -> None:
     except ArchiveError as error:
         click.echo(f"archive: {error}", err=True)
         sys.exit(error.exit_code)
-    except BrokenPipeError:
-        sys.stderr.close()
+    except (_PipeClosed, BrokenPipeError):
+        _quiet_stdout()
         sys.exit(0)
+    except OSError as error:  # an output that cannot be written: a full disk, a closed device
+        _quiet_stdout()
+        where = f"{error.filename}: " if error.filename else "cannot write output: "
+        click.echo(f"archive: {where}{error.strerror or error}", err=True)
+        sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         click.echo("archive: interrupted", err=True)
         sys.exit(130)
@@ -413,4 +443,18 @@ def main(argv: list[str] | None = None) -> None:
             err=True,
         )
         sys.exit(EXIT_INTERNAL)
+    try:  # what click.echo left buffered: written now, while a closed pipe can still be told
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
     sys.exit(0)
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null, so that flushing it at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor to point: nothing is flushed there
+        pass

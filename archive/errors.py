@@ -33,6 +33,10 @@ class StorageError(ArchiveError):
     exit_code = 2
 
 
+class NoArchive(StorageError):
+    """No archive at that URL or path, where a command only reads (it never creates one)."""
+
+
 class Conflict(StorageError):
     """Another writer took the same sequence number first; the unit of work may be retried."""
 

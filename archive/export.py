@@ -64,25 +64,39 @@ def export(
             for ev in found
         ],
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if format == "dir":
-        _write_dir(arc, found, manifest, target)
-    else:
-        _write_tar(arc, found, manifest, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if format == "dir":
+            _write_dir(arc, found, manifest, target)
+        else:
+            _write_tar(arc, found, manifest, target)
+    except OSError as error:  # the file system refused: one line naming the target
+        place = str(error.filename or "")
+        where = f" ({place})" if place and f".{target.name}." not in place else ""  # not staging
+        reason = f"{error.strerror or error}{where}"
+        raise BadInput(f"cannot write export to {target}: {reason}") from None
     return {**manifest, "out": str(target)}
 
 
 def _check_target(target: Path, fmt: str, force: bool) -> None:
-    if fmt == "dir":
-        if target.exists() and not target.is_dir():
-            raise BadInput(f"export target {target} exists and is not a folder")
-        if target.is_dir() and any(target.iterdir()) and not force:
-            raise BadInput(f"export target {target} is not empty (use --force to replace it)")
-    elif target.exists():
-        if target.is_dir():
-            raise BadInput(f"export target {target} is a folder; a tar export needs a file")
-        if not force:
-            raise BadInput(f"export target {target} exists (use --force to replace it)")
+    try:
+        exists = target.exists()
+        if fmt == "dir":
+            if exists and not target.is_dir():
+                raise BadInput(f"export target {target} exists and is not a folder")
+            if exists and any(target.iterdir()) and not force:
+                raise BadInput(f"export target {target} is not empty (use --force to replace it)")
+            if exists and Path.cwd().resolve().is_relative_to(target.resolve()):
+                raise BadInput(f"export target {target} holds the current folder: not replaced")
+        elif exists:
+            if target.is_dir():
+                raise BadInput(f"export target {target} is a folder; a tar export needs a file")
+            if not target.is_file():  # a FIFO, a device, a socket: never replaced by a file
+                raise BadInput(f"export target {target} is not a regular file: not replaced")
+            if not force:
+                raise BadInput(f"export target {target} exists (use --force to replace it)")
+    except OSError as error:
+        raise BadInput(f"cannot use export target {target}: {error.strerror or error}") from None
 
 
 def _check_keys(keys: list[str], check_key) -> None:
@@ -131,15 +145,31 @@ def _write_dir(arc: Archive, found: list[Event], manifest: dict, target: Path) -
         (staging / MANIFEST).write_bytes(_manifest_bytes(manifest))
         staging.chmod(0o755)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.rename(target, old / "x")
-            os.rename(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace_dir(staging, target)
         else:
             os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Put the new export where the old one is, the old one out of the way first (two
+    renames: a folder cannot be renamed over a non-empty one). If the second rename fails,
+    the old export goes back; nothing is left beside the target either way."""
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    try:
+        os.rename(target, old / "x")
+    except OSError:
+        old.rmdir()
+        raise
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(old / "x", target)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_file(path: str, data: bytes, mtime_ns: int) -> None:

@@ -8,20 +8,18 @@ How it stays cheap: one `git log --raw -z` lists every change of the first-paren
 `git cat-file --batch` process reads all the blobs (a process per blob would cost milliseconds
 each), and versions are recorded a few thousand per transaction through `Archive.record_many`.
 
-Why versions are recorded in commit-time order, not commit order: the archive's rule is "the
-version with the greatest effective time ≤ T, ties to the later one", and it records a version
-whose bytes equal the version in effect at its time as "unchanged" (no event). Real histories
-have commits dated before their parents (back-filled versions). Recorded in commit order, a
-skipped "unchanged" version could later be overshadowed by a back-filled commit recorded after
-it; recorded in (commit time, commit order) order, every decision sees exactly the versions
-that precede it under the rule, so what is skipped never matters and ties go to the later
-commit (a higher sequence number). Renames are a deletion of the old path plus a version of
-the new one (`--no-renames`), so both paths keep their own exact time line.
+Every commit that changed a file's bytes is an event, with its commit id, even one that set
+the bytes already in effect at its time (a back-dated revert): the archive would otherwise
+call it "unchanged" and keep no event (`Version.always`). A change of mode alone is not a
+version. Versions are recorded in (commit time, commit order) order, not commit order: the
+archive's rule is "the version with the greatest effective time ≤ T, ties to the later one",
+real histories have commits dated before their parents (back-filled versions), and in this
+order two commits of one time get their sequence numbers in commit order, so the later commit
+wins the tie, as in git. A deletion of a path that did not exist at its (back-dated) time has
+nothing to delete and records nothing. Renames are a deletion of the old path plus a version
+of the new one (`--no-renames`), so both paths keep git's own time line, path by path.
 
 Re-importing is idempotent: a (commit, path) that already has an event is not recorded again.
-A change that was "unchanged" has no event, so it is offered again on the next import; it is
-unchanged again unless newer, back-dated commits changed what was in effect at its time, in
-which case recording it is exactly what the rule asks for.
 """
 
 from __future__ import annotations
@@ -123,6 +121,9 @@ def _resolve(repo: str, ref: str) -> str:
     except FileNotFoundError:
         raise ArchiveError("import-git needs the `git` command, which was not found") from None
     if done.returncode != 0:
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        if said:  # git's own reason (a dubious owner, an unreadable repository)
+            raise BadInput(f"{repo}: git: {said[0]}")
         raise BadInput(f"{repo}: {ref!r} is not a commit in a git repository")
     return done.stdout.decode().strip()
 
@@ -171,8 +172,10 @@ def _changes(repo: str, commit: str, globs: list[str]) -> tuple[list[Change], li
                 walked.append(sha)
                 continue
             # A raw entry: ":old_mode new_mode old_blob new_blob status", then the path.
-            old_mode, new_mode, _old, new, status = field[1:].decode().split()
+            old_mode, new_mode, old, new, status = field[1:].decode().split()
             raw_path = next(tokens)
+            if old == new and status == "M":
+                continue  # its mode alone changed (chmod +x): the bytes did not
             if new_mode == _GITLINK and old_mode in (_GITLINK, "000000"):
                 continue  # a submodule added or moved: not a file of this repository
             if status == "D" and old_mode == _GITLINK:
@@ -294,7 +297,7 @@ def _batches(todo: list[Change], blobs: _BlobReader) -> Iterator[list[Version]]:
         data = blobs.read(c.blob for c in chunk if c.blob is not None)
         for c in chunk:
             body = data[c.blob] if c.blob is not None else None
-            batch.append(Version(c.path, body, c.at, {"commit": c.commit}))
+            batch.append(Version(c.path, body, c.at, {"commit": c.commit}, always=True))
             size += len(body) if body is not None else 0
             if len(batch) >= BATCH_VERSIONS or size >= BATCH_BYTES:
                 yield batch

@@ -141,6 +141,10 @@ class Store:
         except exc.ArgumentError:
             raise BadInput(f"not a database URL or path: {url!r}") from None
         self.dialect = parsed.get_backend_name()
+        # For messages: a password masked (rendering also escapes a path, so only then).
+        self.shown_url = (
+            parsed.render_as_string(hide_password=True) if parsed.password else self.url
+        )
         if self.dialect not in ("sqlite", "postgresql"):
             raise BadInput(f"unsupported database {self.dialect!r}: use SQLite or PostgreSQL")
         self.busy_timeout = busy_timeout
@@ -335,6 +339,19 @@ class Store:
     def revision(self) -> str | None:
         with self._translated(), self.engine.connect() as conn, conn.begin():
             return self._current_revision(conn)
+
+    def exists(self) -> bool:
+        """Whether an archive is there, without creating one: for SQLite the file must exist
+        before it is opened (opening creates it), then any schema revision must be recorded.
+        A current schema counts as checked, so the reads that follow ask nothing again."""
+        if self.dialect == "sqlite":
+            database = make_url(self.url).database
+            if not database or database == ":memory:" or not Path(database).is_file():
+                return False
+        current = self.revision()
+        if current == HEAD:
+            self._schema_checked = True
+        return current is not None
 
     def ensure_schema(self) -> None:
         """Create or upgrade the schema if needed; refuse a schema newer than this code.

@@ -150,11 +150,23 @@ def lib(db_url):
 # -- init and the database choice ---------------------------------------------------------------
 
 
-def test_init_creates_and_every_command_creates_a_missing_archive(db_url, tmp_path):
-    # a command other than init on a missing archive creates it
-    assert json.loads(ok(run_cli("log", "--json", db=db_url, cwd=tmp_path))) == []
+def test_reading_commands_refuse_a_missing_archive_writing_ones_create_it(db_url, tmp_path):
+    """A mistyped --db is an error for a command that only reads (it creates nothing); init
+    and the commands that record create the archive."""
+    reads = [
+        ["show", "a.txt"], ["history", "a.txt"], ["diff", "a.txt"], ["log"], ["stats"],
+        ["verify"], ["export", "--at", "2020-01-01", "--out", str(tmp_path / "x")],
+    ]
+    for args in reads:
+        assert "no archive at" in one_line(fails(run_cli(*args, db=db_url, cwd=tmp_path), 2))
+    batch = run_cli("show", "--batch", db=db_url, cwd=tmp_path, input=b"a.txt\t\n")
+    assert "no archive at" in one_line(fails(batch, 2))
     if dialect(db_url) == "sqlite":
-        assert Path(make_url(db_url).database).is_file()
+        assert not Path(make_url(db_url).database).exists()
+    assert not (tmp_path / "x").exists()
+    write(tmp_path / "a.txt", b"a\n")
+    ok(run_cli("ingest", "a.txt", db=db_url, cwd=tmp_path))  # a missing archive: created
+    assert ok(run_cli("show", "a.txt", db=db_url, cwd=tmp_path)) == "a\n"
     ok(run_cli("init", db=db_url, cwd=tmp_path))  # already there: nothing to do, still fine
     from archive.store import HEAD
 
@@ -775,6 +787,61 @@ def test_export_dir_and_force(db_url, lib, tmp_path):
     files = tree(tmp_path / "out")
     files.pop("MANIFEST.json")
     assert files == expected
+
+
+def test_export_refuses_targets_it_cannot_or_must_not_replace(db_url, lib, tmp_path):
+    """Where the file system says no, or the target is a FIFO, a device or the folder the
+    command runs in, the export says so in one line (exit 2), and replaces nothing."""
+    _corpus(lib)
+
+    def export(*args: str, cwd: Path = tmp_path) -> str:
+        result = run_cli("export", "--at", AT, *args, db=db_url, cwd=cwd)
+        return one_line(fails(result, 2))
+
+    write(tmp_path / "afile", b"a file, not a folder")
+    assert "cannot write export to afile/sub" in export("--out", "afile/sub")
+    assert "cannot write export to afile/x.tar" in export("--out", "afile/x.tar", "--format", "tar")
+    os.mkfifo(tmp_path / "fifo")
+    assert "not a regular file" in export("--out", "fifo", "--format", "tar", "--force")
+    assert (tmp_path / "fifo").is_fifo()
+    if Path("/dev/null").is_char_device():
+        assert "not a regular file" in export("--out", "/dev/null", "--format", "tar", "--force")
+        assert Path("/dev/null").is_char_device()
+    inside = tmp_path / "old" / "deeper"
+    write(inside / "kept.txt", b"kept")
+    for target in (".", ".."):
+        assert "holds the current folder" in export("--out", target, "--force", cwd=inside)
+    assert (inside / "kept.txt").read_bytes() == b"kept"
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["deeper"]  # nothing beside
+
+
+def test_output_that_cannot_be_written_and_a_reader_that_stops_early(db_url, lib, tmp_path):
+    """A full device is one line and exit 2; a reader that closes the pipe early (`| head`)
+    ends the command quietly with exit 0, not with damage's exit 1. A key with a tab in it
+    is read by --batch up to the line's last tab."""
+    lib.record("a.txt", seed("000"), at="2020-01-02T10:00:00Z")
+    lib.record("tab\tname.txt", b"tabbed\n", at="2020-01-02T10:00:00Z")
+    if Path("/dev/full").exists():
+        for args in (["show", "a.txt"], ["log"], ["show", "--batch"]):
+            with open("/dev/full", "wb") as full:
+                result = subprocess.run(
+                    [sys.executable, "-m", "archive", "--db", db_url, *args], cwd=tmp_path,
+                    input=b"a.txt\t\n", stdout=full, stderr=subprocess.PIPE, timeout=60,
+                )
+            assert "No space left on device" in one_line(fails(result, 2))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "archive", "--db", db_url, "show", "--batch"], cwd=tmp_path,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdin and proc.stdout and proc.stderr
+    proc.stdin.write(b"a.txt\t\n" * 400)  # 10 MB of answers; the reader takes 10 bytes
+    proc.stdin.close()
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""
+    got = run_cli("show", "--batch", db=db_url, cwd=tmp_path, input=b"tab\tname.txt\t\n")
+    assert _batch_answers(got.stdout) == [("tab\tname.txt", sha_hex(b"tabbed\n"), b"tabbed\n")]
 
 
 def test_export_tar_with_known_at(db_url, lib, tmp_path):

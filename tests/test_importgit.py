@@ -166,12 +166,12 @@ def build(repo: Path) -> dict[str, str]:
     c["c3"] = commit(repo, B + 150, {
         "docs/a.txt": b"A three\n", "docs/b.md": b"# B\n\ntwo\n", "docs/order.txt": b"Y\n",
     })
-    # Dated between c1 and c3, with c1's bytes: the version in effect then, so "unchanged".
+    # Dated between c1 and c3, with c1's bytes: the version in effect then, still a version.
     c["c4"] = commit(repo, B + 120, {
         "docs/a.txt": c1_a, "notes/skip.log": b"x\n", "docs/order.txt": b"X\n",
     })
-    # Recorded in commit order, c4's order.txt would have been skipped as unchanged (X was in
-    # effect at 120) and then overshadowed by this one: time order records c4's X after it.
+    # Dated before c4 and recorded after it in commit order: time order still has c4's X
+    # in effect from 120 on.
     c["c4b"] = commit(repo, B + 110, {"docs/order.txt": b"Z\n"})
     git(repo, "mv", "docs/b.md", "docs/renamed.md")
     c["c5"] = commit(repo, B + 300, {})  # a pure rename
@@ -194,11 +194,11 @@ def test_import_matches_history(arc, tmp_path):
     repo = new_repo(tmp_path / "repo")
     c = build(repo)
     summary = import_git(arc, repo, paths=GLOBS, progress=False)
-    # c1: 5 created; c2: a modified, c deleted; c3: 3; c4: a unchanged, order; c4b: order;
-    # c5: b deleted, renamed created; c6: 2; merge: side created; c7: 3.
-    assert summary["versions"] == 5 + 2 + 3 + 1 + 1 + 2 + 2 + 1 + 3
+    # c1: 5 created; c2: a modified, c deleted; c3: 3; c4: a (c1's bytes again), order;
+    # c4b: order; c5: b deleted, renamed created; c6: 2; merge: side created; c7: 3.
+    assert summary["versions"] == 5 + 2 + 3 + 2 + 1 + 2 + 2 + 1 + 3
     assert summary["deletions"] == 2
-    assert summary["unchanged"] == 1
+    assert summary["unchanged"] == 0
     assert summary["commits"] == 9
 
     expected = Expected(repo, globs=GLOBS)
@@ -257,20 +257,41 @@ def test_incremental_import(arc, tmp_path):
         # Back-filled before the versions of the first import.
         commit(repo, B + 180, {"docs/a.txt": b"A back-filled\n", "docs/new.txt": b"new\n"}),
         commit(repo, B + 700, {"docs/a.txt": b"A six\n"}),
-        # The bytes in effect at its time (from the commit dated 180): unchanged.
+        # The bytes in effect at its time (from the commit dated 180): a version all the same.
         commit(repo, B + 190, {"docs/a.txt": b"A back-filled\n"}),
         commit(repo, B + 600, {"docs/c.txt": None}),
     }
     second = import_git(arc, repo, paths=GLOBS, progress=False)
-    assert second["versions"] == 5 and second["deletions"] == 1 and second["commits"] == 4
-    assert second["unchanged"] >= 1
+    assert second["versions"] == 6 and second["deletions"] == 1 and second["commits"] == 5
+    assert second["unchanged"] == 0
     added = [ev for ev in arc.log() if ev.position > high]
-    assert len(added) == 5 and {ev.meta["commit"] for ev in added} <= new
+    assert len(added) == 6 and {ev.meta["commit"] for ev in added} == new
     expected = Expected(repo, globs=GLOBS)
     pairs = [(k, t) for k in expected.changes for t in expected.times()]
     expected.check(arc, pairs)
     assert import_git(arc, repo, paths=GLOBS, progress=False)["versions"] == 0
-    assert first["versions"] == 20
+    assert first["versions"] == 21
+
+
+def test_a_back_dated_revert_is_a_version_and_a_mode_change_is_not(arc, tmp_path):
+    """A commit dated before its parent that sets the bytes already in effect at its time is
+    still a version of the file, with its commit id; a change of mode alone is none. Neither
+    is offered again on the next import."""
+    repo = new_repo(tmp_path / "repo")
+    c1 = commit(repo, B + 100, {"f.txt": b"X\n"})
+    c2 = commit(repo, B + 300, {"f.txt": b"Y\n"})
+    c3 = commit(repo, B + 200, {"f.txt": b"X\n"})  # a back-dated revert to c1's bytes
+    git(repo, "update-index", "--chmod=+x", "f.txt")
+    git(repo, "commit", "-q", "-m", "chmod", when=B + 400)
+    summary = import_git(arc, repo, progress=False)
+    assert (summary["versions"], summary["unchanged"], summary["commits"]) == (3, 0, 3)
+    history = arc.history("f.txt")
+    assert [ev.meta["commit"] for ev in history] == [c1, c3, c2]  # by commit time
+    assert history[1].sha256 == history[0].sha256 and history[1].effective_at == (B + 200) * US
+    assert arc.show("f.txt", at=(B + 250) * US).data == b"X\n"
+    assert arc.show("f.txt", at=(B + 350) * US).data == b"Y\n"
+    again = import_git(arc, repo, progress=False)
+    assert (again["versions"], again["unchanged"]) == (0, 0)
 
 
 def test_all_paths_and_ref(arc, tmp_path):
@@ -304,7 +325,7 @@ def test_cli(db_url, tmp_path):
     build(repo)
     done = run_cli("import-git", str(repo), "--path", "docs/*", "--json", db=db_url)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["versions"] == 20 - 2  # img/logo.bin twice
+    assert json.loads(done.stdout)["versions"] == 21 - 2  # img/logo.bin twice
     shown = run_cli("show", "docs/a.txt", "--at", iso(B + 175), db=db_url)
     assert shown.returncode == 0 and shown.stdout == b"A three\n"
     missing = run_cli("show", "docs/c.txt", "--at", iso(B + 300), db=db_url)
