@@ -1,8 +1,9 @@
 """`archive show --batch`: many point-in-time reads over one process, for scripts.
 
 In the spirit of `git cat-file --batch`: each input line is `DOC<TAB>TIME` (TIME may be
-empty: now; the last tab ends DOC, so a key may hold tabs); each answer is a header `<sha256> <size> <key>`, the exact bytes and a newline,
-or `<key> missing` when the document did not exist then. Answers come in input order.
+empty: now; the last tab ends DOC, so a key may hold tabs); each answer is a header
+`<sha256> <size> <key>`, the exact bytes and a newline, or `<key> missing` when the document
+did not exist then. Answers come in input order.
 
 Lines are answered as they arrive, in groups: every complete line already waiting on the
 input is read, the group is resolved in (document, time) order and its contents rebuilt in

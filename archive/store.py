@@ -19,6 +19,7 @@ import random
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -125,10 +126,29 @@ def resolve_url(target: str | None) -> str:
 def sqlite_files(url: str) -> list[Path]:
     """The files a SQLite archive lives in (never to be ingested as documents)."""
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+    path = _sqlite_path(parsed) if parsed.get_backend_name() == "sqlite" else None
+    if path is None:
         return []
-    main = Path(os.path.abspath(parsed.database))
+    main = Path(os.path.abspath(path))
     return [main] + [main.with_name(main.name + s) for s in ("-wal", "-shm", "-journal")]
+
+
+def _sqlite_path(parsed) -> str | None:
+    """The file of a SQLite URL (None: in memory). With `uri=true` the database part is a
+    SQLite URI, `file:PATH?mode=ro…` (SQLAlchemy's form for read-only and other options)."""
+    database = parsed.database
+    if not database or database == ":memory:":
+        return None
+    if parsed.query.get("uri") == "true":
+        if not database.startswith("file:"):
+            raise BadInput(
+                "with uri=true the path must start with file: "
+                "(as in sqlite:///file:/path/archive.db?mode=ro&uri=true)"
+            )
+        path = database.removeprefix("file:")
+        path = path[2:] if path.startswith("//") else path  # file:///abs/path
+        return None if path == ":memory:" or parsed.query.get("mode") == "memory" else path
+    return database
 
 
 class Store:
@@ -161,11 +181,20 @@ class Store:
     # -- engines -------------------------------------------------------------------------
 
     def _sqlite_engine(self, parsed) -> Engine:
-        if parsed.database and parsed.database != ":memory:":
-            folder = Path(parsed.database).absolute().parent
+        path = _sqlite_path(parsed)
+        if path is not None:
+            folder = Path(path).absolute().parent
             if not folder.is_dir():
                 raise BadInput(f"cannot create archive: folder {folder} does not exist")
-        engine = create_engine(self.url)
+        with warnings.catch_warnings():
+            # SQLAlchemy warns of URL options pysqlite ignores (`?mode=ro` without uri=true):
+            # an archive opened otherwise than asked is an error, said in one line.
+            warnings.simplefilter("error", exc.SAWarning)
+            try:
+                engine = create_engine(self.url)
+            except exc.SAWarning as warning:
+                said = str(warning).split(" (Background")[0]
+                raise BadInput(f"{self.shown_url}: {said}") from None
         busy_ms = int(self.busy_timeout * 1000)
 
         @event.listens_for(engine, "connect")
@@ -223,7 +252,12 @@ class Store:
     def read(self) -> Iterator[Connection]:
         """A read transaction: one consistent snapshot for everything the caller reads."""
         self.ensure_schema()
-        with self._translated(), self.engine.connect() as conn, conn.begin():
+        with (
+            self._translated(),
+            self._translated_driver(),
+            self.engine.connect() as conn,
+            conn.begin(),
+        ):
             if self.dialect == "postgresql":
                 conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             yield conn
@@ -232,7 +266,8 @@ class Store:
     def write(self) -> Iterator[Connection]:
         """A write transaction holding the writers' lock; commits on success."""
         self.ensure_schema()
-        with self._translated(), self.engine.connect() as conn:
+        # Hot paths write through the driver's cursor (`cursor`): its errors are translated too.
+        with self._translated(), self._translated_driver(), self.engine.connect() as conn:
             conn = conn.execution_options(archive_write=True)
             with conn.begin():
                 if self.dialect == "postgresql":
@@ -345,8 +380,8 @@ class Store:
         before it is opened (opening creates it), then any schema revision must be recorded.
         A current schema counts as checked, so the reads that follow ask nothing again."""
         if self.dialect == "sqlite":
-            database = make_url(self.url).database
-            if not database or database == ":memory:" or not Path(database).is_file():
+            path = _sqlite_path(make_url(self.url))
+            if path is None or not Path(path).is_file():
                 return False
         current = self.revision()
         if current == HEAD:

@@ -204,6 +204,24 @@ def test_db_as_path_url_env_and_default(tmp_path):
         conn.close()
 
 
+def test_sqlite_read_only_uri_reads_and_refuses_writes_in_one_line(tmp_path):
+    """SQLAlchemy's read-only form (`sqlite:///file:PATH?mode=ro&uri=true`) reads the
+    archive; a write is one line (exit 2) and changes nothing. URL options SQLite would
+    silently ignore, or a URI form without `file:`, are errors rather than another file."""
+    db = tmp_path / "ro.db"
+    write(tmp_path / "doc.txt", b"kept\n")
+    ok(run_cli("ingest", "doc.txt", db=str(db), cwd=tmp_path))
+    ro = f"sqlite:///file:{db}?mode=ro&uri=true"
+    assert ok(run_cli("show", "doc.txt", db=ro, cwd=tmp_path)) == "kept\n"
+    write(tmp_path / "doc.txt", b"changed\n")
+    assert "readonly" in one_line(fails(run_cli("ingest", "doc.txt", db=ro, cwd=tmp_path), 2))
+    for bad in (f"sqlite:///{db}?mode=ro", f"sqlite:///{db}?mode=ro&uri=true"):
+        one_line(fails(run_cli("show", "doc.txt", db=bad, cwd=tmp_path), 2))
+    assert not [p.name for p in tmp_path.iterdir() if "?" in p.name]  # none named by options
+    assert ok(run_cli("show", "doc.txt", db=str(db), cwd=tmp_path)) == "kept\n"
+    assert "ok:" in ok(run_cli("verify", db=str(db), cwd=tmp_path))
+
+
 def test_postgresql_url_by_flag_and_env(pg_url, tmp_path):
     write(tmp_path / "p.txt", b"on postgres\n")
     assert ingest_lines(ok(run_cli("ingest", "p.txt", db=pg_url, cwd=tmp_path))) == {
