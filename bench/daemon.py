@@ -1,8 +1,10 @@
-"""The watcher daemon's figures (issue 3): latency from a file's last write to its committed
-event, with 100 files each rewritten 10 times in a burst, and CPU use while idle on a folder of
-10,000 files. Real `archive watch` processes on real files.
+"""The watcher daemon's figures: latency from a file's last write to its committed event, with
+100 files each rewritten 10 times in a burst (issue 3); the versions per second it sustains
+when the scale workload's documents change in real time (issue 4's daemon path); and CPU use
+while idle on a folder of 10,000 files. Real `archive watch` processes on real files.
 
     .venv/bin/python bench/daemon.py [--db URL] [--debounce 0.5] [--idle-seconds 30]
+                                     [--rate 2000] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -73,6 +75,65 @@ def latency(db: str | None, debounce: float) -> str:
     )
 
 
+def throughput(rate: int, seconds: float, debounce: float) -> str:
+    """The scale workload's first versions (1,000 documents, version j of each before version
+    j + 1 of any), written to their files at `rate` a second, in tenths of a second: each file
+    changes about once a second at 1,000 a second, less often than the debounce. The daemon
+    keeps up if it has committed them soon after the last write; its rate is the events
+    committed over the time from the first write to the last commit (a file written again
+    before the daemon read it is one version)."""
+    import itertools
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench
+
+    wanted = int(rate * seconds)
+    versions = list(itertools.islice(bench.synthetic("scale", bench.FULL["scale"]), wanted))
+    base = Path(tempfile.mkdtemp(prefix="archive-rate-"))
+    docs, log = base / "docs", base / "watch.log"
+    docs.mkdir()
+    db = f"sqlite:///{base / 'archive.db'}"
+    daemon = start(db, docs, log, "--debounce", str(debounce))
+    for key in {key for key, _t, _data in versions}:
+        (docs / key).parent.mkdir(parents=True, exist_ok=True)
+    step = max(1, rate // 10)
+    started = time.time()
+    for n in range(0, len(versions), step):
+        for key, _t, data in versions[n : n + step]:
+            (docs / key).write_bytes(data)
+        time.sleep(max(0.0, started + (n + step) / rate - time.time()))
+    written = time.time()
+    committed: list[float] = []
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < max(5.0, 10 * debounce):
+        lines = [m for m in map(RECORDED.match, log.read_text().splitlines()) if m]
+        if len(lines) > len(committed):
+            committed = [
+                datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                for m in lines
+            ]
+            quiet_since = time.monotonic()
+        if len(committed) >= len(versions):
+            break
+        time.sleep(0.2)
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from archive import Archive
+
+    final = {key: data for key, _t, data in versions}
+    with Archive(db) as arc:
+        exact = all(arc.show(key).data == data for key, data in final.items())
+        events = len(arc.log())
+    last = max(committed) if committed else written
+    return (
+        f"sustained: {len(versions):,} versions of {len(final):,} files written at {rate:,}/s "
+        f"over {written - started:.1f} s; {events:,} events committed, the last "
+        f"{last - written:.2f} s after the last write: {events / (last - started):,.0f} "
+        f"versions/s (target >= 1,000); every final content archived: {exact}"
+    )
+
+
 def idle_cpu(seconds: float) -> str:
     base = Path(tempfile.mkdtemp(prefix="archive-idle-"))
     docs = base / "docs"
@@ -104,8 +165,13 @@ def main() -> None:
     parser.add_argument("--db", help="archive URL for the latency run (default: a new SQLite)")
     parser.add_argument("--debounce", type=float, default=0.5)
     parser.add_argument("--idle-seconds", type=float, default=30)
+    parser.add_argument("--rate", type=int, default=2000, help="versions a second to sustain")
+    parser.add_argument("--seconds", type=float, default=10, help="...for this long")
     options = parser.parse_args()
     print(latency(options.db, options.debounce), flush=True)
+    # A debounce of 0.2 s: at 2,000 versions a second each of the 1,000 files changes every
+    # half second, so no write is folded into the next.
+    print(throughput(options.rate, options.seconds, 0.2), flush=True)
     print(idle_cpu(options.idle_seconds), flush=True)
 
 
