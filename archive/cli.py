@@ -202,15 +202,19 @@ def history(obj: Context, doc: str, as_json: bool, known_at) -> None:
 @cli.command()
 @click.argument("doc", required=False)
 @click.option("--at", "at", type=TIME, help="The version in effect at this time.")
-@click.option("--version", "-v", "version", type=click.IntRange(min=1), help="Version number.")
+@click.option("--version", "-v", "version", type=click.IntRange(min=1, max=2**63 - 1),
+              help="Version number.")
 @click.option("--known-at", type=TIME, help="Only what the archive had recorded by then.")
 @click.option("--batch", is_flag=True, help="Read DOC<TAB>TIME lines on standard input.")
 @click.pass_obj
 def show(obj: Context, doc, at, version, known_at, batch: bool) -> None:
-    """The exact bytes of DOC (now, at a time, or version N) on standard output."""
+    """The exact bytes of DOC (its latest version, at a time, or version N) on standard
+    output."""
     if batch:
         if doc or at is not None or version is not None:
             raise click.UsageError("--batch takes its documents and times on standard input")
+        if sys.stdin is None:
+            raise click.UsageError("--batch reads standard input, which is closed")
         from .batch import serve
 
         serve(obj.existing, sys.stdin.buffer, sys.stdout.buffer, known_at=known_at)
@@ -408,6 +412,9 @@ def import_git(obj: Context, repo, ref, paths, as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if sys.stdout is None:  # started with standard output closed (`>&-`): nowhere to answer
+        click.echo("archive: standard output is closed", err=True)
+        sys.exit(EXIT_USAGE)
     try:
         cli.main(args=argv, prog_name="archive", standalone_mode=False)
     except click.exceptions.Exit as done:

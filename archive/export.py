@@ -74,6 +74,10 @@ def export(
         place = str(error.filename or "")
         where = f" ({place})" if place and f".{target.name}." not in place else ""  # not staging
         reason = f"{error.strerror or error}{where}"
+        if isinstance(error, FileExistsError | NotADirectoryError):
+            blocking = next((a for a in target.parents if a.exists() and not a.is_dir()), None)
+            if blocking is not None:
+                reason = f"{blocking} is a file, not a folder"
         raise BadInput(f"cannot write export to {target}: {reason}") from None
     return {**manifest, "out": str(target)}
 

@@ -33,12 +33,38 @@ def key_for(path: str | os.PathLike, root: str | os.PathLike) -> str:
     return relative.replace(os.sep, "/")
 
 
-def walk(paths: Iterable[str | os.PathLike], skip: set[Path]) -> Iterator[Path]:
-    """Every regular file named or below a named folder, sorted, without `skip`."""
+class OwnFiles:
+    """The archive's own database files, recognised under any path that leads to them: a
+    folder reached through a symlink, or a symlink to one of them. A path is resolved only
+    when its name is one of theirs or it is a symlink, so asking about every file is cheap."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike]):
+        self._real = {os.path.realpath(p) for p in paths}
+        self._names = {os.path.basename(p) for p in self._real}
+
+    def __contains__(self, path: object) -> bool:
+        if not isinstance(path, str | os.PathLike):
+            return False
+        path = os.fspath(path)
+        if os.path.basename(path) not in self._names and not os.path.islink(path):
+            return False
+        return os.path.realpath(path) in self._real
+
+
+def walk(paths: Iterable[str | os.PathLike], skip: OwnFiles) -> Iterator[Path]:
+    """Every regular file named or below a named folder, sorted, without `skip`. A folder
+    that cannot be listed is an error: what it holds is unknown (and must not look gone)."""
+
+    def unlisted(error: OSError) -> None:
+        where = os.fsdecode(error.filename) if error.filename else "a folder"
+        raise BadInput(f"cannot list {where}: {error.strerror or error}")
+
     for given in paths:
+        if not os.fspath(given):
+            raise BadInput("an empty path (an unset variable?): give the file or folder")
         path = Path(os.path.abspath(given))
         if path.is_dir():
-            for folder, subdirs, names in os.walk(path):
+            for folder, subdirs, names in os.walk(path, onerror=unlisted):
                 subdirs.sort()
                 for name in sorted(names):
                     candidate = Path(folder, name)
@@ -68,7 +94,7 @@ def ingest(
     root = Path(os.path.abspath(root if root is not None else os.curdir))
     paths = list(paths)
     at_us = to_us(at)
-    skip = {p.absolute() for p in arc.database_files()}
+    skip = OwnFiles(arc.database_files())
     # Check every name before recording anything: bad input must not half-ingest.
     keyed = [(key_for(p, root), p) for p in walk(paths, skip)]
     prefixes = [_folder_prefix(p, root) for p in paths if Path(p).is_dir()]

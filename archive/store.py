@@ -158,8 +158,9 @@ class Store:
         self.url = resolve_url(url)
         try:
             parsed = make_url(self.url)
-        except exc.ArgumentError:
-            raise BadInput(f"not a database URL or path: {url!r}") from None
+        except (exc.ArgumentError, ValueError) as error:  # ValueError: a port that is no number
+            shown = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", str(url))  # no password shown
+            raise BadInput(f"not a database URL or path: {shown!r} ({error})") from None
         self.dialect = parsed.get_backend_name()
         # For messages: a password masked (rendering also escapes a path, so only then).
         self.shown_url = (
@@ -168,10 +169,13 @@ class Store:
         if self.dialect not in ("sqlite", "postgresql"):
             raise BadInput(f"unsupported database {self.dialect!r}: use SQLite or PostgreSQL")
         self.busy_timeout = busy_timeout
-        if self.dialect == "sqlite":
-            self.engine = self._sqlite_engine(parsed)
-        else:
-            self.engine = create_engine(self.url, pool_pre_ping=True)
+        try:
+            if self.dialect == "sqlite":
+                self.engine = self._sqlite_engine(parsed)
+            else:
+                self.engine = create_engine(self.url, pool_pre_ping=True)
+        except (TypeError, ValueError) as error:  # an option of the URL the driver cannot use
+            raise BadInput(f"{self.shown_url}: {error}") from None
         self._schema_checked = False
         # Per-thread DB-API connections kept open for `snapshot` (hot reads).
         self._local = threading.local()
@@ -185,7 +189,7 @@ class Store:
         if path is not None:
             folder = Path(path).absolute().parent
             if not folder.is_dir():
-                raise BadInput(f"cannot create archive: folder {folder} does not exist")
+                raise BadInput(f"no archive at {self.shown_url}: folder {folder} does not exist")
         with warnings.catch_warnings():
             # SQLAlchemy warns of URL options pysqlite ignores (`?mode=ro` without uri=true):
             # an archive opened otherwise than asked is an error, said in one line.
@@ -381,8 +385,8 @@ class Store:
         A current schema counts as checked, so the reads that follow ask nothing again."""
         if self.dialect == "sqlite":
             path = _sqlite_path(make_url(self.url))
-            if path is None or not Path(path).is_file():
-                return False
+            if path is None or not Path(path).is_file() or Path(path).stat().st_size == 0:
+                return False  # an empty file is no archive, and opening it would write one
         current = self.revision()
         if current == HEAD:
             self._schema_checked = True

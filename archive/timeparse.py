@@ -52,9 +52,14 @@ def parse(text: str) -> int:
         moment = datetime.fromisoformat(raw.replace("z", "Z"))
         if moment.tzinfo is None:
             _follow_tz()
-        return to_us(moment)
+        us = to_us(moment)
     except (ValueError, OverflowError):
         raise BadInput(f"cannot read time {text!r}: use {ACCEPTED}") from None
+    try:  # an offset can carry a time past year 9999 or before year 1 in UTC
+        from_us(us)
+    except OverflowError:
+        raise BadInput(f"time {text!r} is outside years 1 to 9999 in UTC") from None
+    return us
 
 
 _seen_tz: list[str | None] = [None]
@@ -84,8 +89,13 @@ def parse_tz(name: str | None) -> tzinfo | None:
 
 
 def show(us: int, tz: tzinfo | None = None) -> str:
-    """ISO 8601 text of a stored time; UTC is written with a `Z`."""
-    moment = from_us(us, tz)
+    """ISO 8601 text of a stored time; UTC is written with a `Z`. A time that the zone
+    would carry past year 9999 or before year 1 is written in UTC."""
+    try:
+        moment = from_us(us, tz)
+    except OverflowError:
+        tz = None
+        moment = from_us(us)
     spec = "seconds" if moment.microsecond == 0 else "microseconds"
     text = moment.isoformat(timespec=spec)
     return text[:-6] + "Z" if text.endswith("+00:00") and (tz is None or tz is UTC) else text

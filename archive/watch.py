@@ -78,7 +78,7 @@ from watchdog.events import (
 from .api import ABSENT, Archive, Recorded, Version, check_key
 from .errors import BadInput, NotFound, StorageError
 from .events import DELETED
-from .files import key_for
+from .files import OwnFiles, key_for
 
 T = TypeVar("T")
 
@@ -136,7 +136,7 @@ class Rules:
         self.dirs = list(dirs)
         self.root = root
         self.user_globs = tuple(ignore)
-        self.database_files = {os.path.abspath(p) for p in database_files}
+        self.database_files = OwnFiles(database_files)
         self._warned: set[str] = set()
         self._root_prefix = root.rstrip(os.sep) + os.sep
         # Compiled once: a rescan asks about every file, and inotify about every write.
@@ -153,9 +153,12 @@ class Rules:
             raise BadInput("give at least one folder to watch")
         absolute = []
         for d in dirs:
+            if not os.fspath(d):
+                raise BadInput("an empty folder name (an unset variable?): give the folder")
             path = os.path.abspath(d)
             if not os.path.isdir(path):
-                raise BadInput(f"no such folder: {os.fsdecode(d)!r}")
+                what = "not a folder" if os.path.lexists(path) else "no such folder"
+                raise BadInput(f"{what}: {os.fsdecode(d)!r}")
             absolute.append(path)
         # A folder inside another watched folder adds nothing but duplicate events.
         absolute = sorted(set(absolute))
@@ -1115,12 +1118,15 @@ def watch(
     record what is pending and return), or, with `once`, reconcile and return."""
     if effective_time not in ("observed", "mtime"):
         raise BadInput("effective time must be 'observed' or 'mtime'")
-    if debounce < 0 or rescan < 0:
-        raise BadInput("debounce and rescan must not be negative")
+    limits = (("debounce", debounce, MAX_DEBOUNCE), ("rescan", rescan, MAX_RESCAN))
+    for name, seconds, most in limits:
+        if not 0 <= seconds <= most:  # also refuses NaN
+            raise BadInput(f"{name} must be from 0 to {most:g} seconds, not {seconds}")
+    rules = Rules.build(arc, dirs, root, ignore)  # the folders first: a typo creates nothing
     undo_logging = _setup_logging(log_level)
     try:
         arc.init()  # fail now on a wrong or unreachable database, not in the worker
-        rules = Rules.build(arc, dirs, root, ignore)
+        _refuse_foreign_folders(arc, rules)
         watcher = Watcher(
             arc,
             rules,
@@ -1137,6 +1143,36 @@ def watch(
         _run_daemon(watcher)
     finally:
         undo_logging()
+
+
+MAX_DEBOUNCE = 3600.0
+MAX_RESCAN = 7 * 86400.0
+
+
+def _refuse_foreign_folders(arc: Archive, rules: Rules) -> None:
+    """Start-up guard: when the archive holds documents under the watched folders' keys and
+    not one of them is there, the folders are most likely the wrong ones (or the --root
+    differs from last time), and reconciling would record every one of them as deleted, for
+    good. The first key found present ends the check."""
+    _, current = arc.corpus()
+    prefixes = [p for p in (rules.prefix_of(d) for d in rules.dirs) if p is not None]
+    archived = {
+        ev.key
+        for ev in current
+        if ev.sha256 is not None and any(ev.key.startswith(p) for p in prefixes)
+    }
+    if not archived:
+        return
+    for folder in rules.dirs:
+        for path in rules.walk(folder, []):
+            if rules.key_of(path) in archived:
+                return
+    raise BadInput(
+        f"none of the {len(archived)} documents the archive holds under these keys is in "
+        f"{', '.join(rules.dirs)}: watching would record them all as deleted. Check the "
+        "folders and --root; if they are gone indeed, record that with `archive ingest "
+        "--deletions` first"
+    )
 
 
 def _run_daemon(watcher: Watcher) -> None:

@@ -1125,3 +1125,104 @@ def test_show_batch_stops_at_a_damaged_document_after_the_answers_before_it(
     result = run_cli("show", "--batch", db=db_url, cwd=tmp_path, input=lines)
     assert f"content {victim.content_id}" in one_line(fails(result, 1))
     assert _batch_answers(result.stdout) == [("z.txt", sha_hex(b"Z" * 40), b"Z" * 40)]
+
+
+# -- the file system as users have it: symlinks, folders that cannot be listed, typos ------------
+
+
+def test_the_archive_never_records_its_own_files_through_a_symlinked_folder(tmp_path):
+    """Reached through a symlink to the watched folder, the database and its -wal and -shm
+    files are still the archive's own: neither ingest nor watch records them."""
+    real = tmp_path / "real"
+    write(real / "doc.txt", b"a\n")
+    (tmp_path / "link").symlink_to(real)
+    db = str(tmp_path / "link" / "arch.db")
+    for _ in range(2):
+        ok(run_cli("ingest", "--root", str(real), str(real), db=db, cwd=tmp_path))
+    ok(run_cli("watch", str(real), "--once", db=db, cwd=tmp_path))
+    (real / "alias.txt").symlink_to(real / "arch.db")  # a symlink to the database itself
+    ok(run_cli("ingest", "--root", str(real), str(real), db=db, cwd=tmp_path))
+    ok(run_cli("watch", str(real), "--once", db=db, cwd=tmp_path))
+    with Archive(db) as arc:
+        assert [ev.key for ev in arc.log()] == ["doc.txt"]
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_a_deletion(tmp_path):
+    """A folder ingest cannot list (here: a path longer than the system allows) refuses the
+    whole ingest in one line, exit 2, and with --deletions records nothing as deleted."""
+    docs = tmp_path / "docs"
+    write(docs / "a.txt", b"a\n")
+    fd = os.open(docs, os.O_RDONLY)
+    try:  # built one level at a time, by relative names: no single path is too long
+        for level in range(20):
+            os.mkdir("d" * 250, dir_fd=fd)
+            inner = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+            if level == 0:
+                made = os.open("b.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=inner)
+                os.write(made, b"b\n")
+                os.close(made)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    db = str(tmp_path / "a.db")
+    with Archive(db) as arc:
+        arc.record("d" * 250 + "/b.txt", b"b\n", at="2020-01-01T00:00:00Z")
+    for extra in ([], ["--deletions"]):
+        result = run_cli("ingest", "--root", str(docs), str(docs), *extra, db=db, cwd=tmp_path)
+        assert "cannot list" in one_line(fails(result, 2))
+    with Archive(db) as arc:
+        assert [(ev.key, ev.type) for ev in arc.log()] == [("d" * 250 + "/b.txt", "created")]
+
+
+def test_watch_refuses_folders_that_hold_none_of_its_documents_and_values_it_cannot_use(tmp_path):
+    """Pointed at a folder that holds none of the documents archived under its keys, watch
+    refuses to start rather than record them all as deleted; an empty or missing folder, or a
+    debounce or rescan that is not a number of seconds, is refused before anything is made."""
+    write(tmp_path / "docs" / "a.txt", b"a\n")
+    write(tmp_path / "other" / "z.txt", b"z\n")
+    db = str(tmp_path / "w.db")
+    ok(run_cli("watch", "docs", "--once", db=db, cwd=tmp_path))
+    refused = run_cli("watch", "other", "--once", db=db, cwd=tmp_path)
+    assert "would record them all as deleted" in one_line(fails(refused, 2))
+    with Archive(db) as arc:
+        assert [(ev.key, ev.type) for ev in arc.log()] == [("a.txt", "created")]
+    new = str(tmp_path / "new.db")
+    for args in (["nosuch"], [""], ["docs", "--debounce", "inf"], ["docs", "--debounce", "nan"],
+                 ["docs", "--rescan", "inf"], ["docs", "--rescan", "nan"]):
+        one_line(fails(run_cli("watch", *args, "--once", db=new, cwd=tmp_path), 2))
+    one_line(fails(run_cli("ingest", "", db=new, cwd=tmp_path), 2))
+    assert not Path(new).exists()
+
+
+def test_edges_of_times_numbers_streams_and_urls_are_one_line_errors(db_url, lib, tmp_path):
+    """Times that UTC cannot hold, a version number past 64 bits, a closed standard output
+    or input, URL options the driver cannot use: each a one-line error, exit 2. A time at
+    the edge of the calendar is shown in UTC where a zone would carry it past year 9999. An
+    empty file is no archive, and a read leaves it empty."""
+    lib.record("a.txt", b"a\n", at="9999-12-31T23:59:59Z")
+    lib.record("b.txt", b"b\n", at="0001-01-01T00:00:00Z")
+    for args in (["export", "--at", "9999-12-31T23:59:59-14:00", "--out", "x"],
+                 ["show", "a.txt", "--at", "0001-01-01T00:00+14:00"],
+                 ["show", "a.txt", "--version", str(2**63)]):
+        one_line(fails(run_cli(*args, db=db_url, cwd=tmp_path), 2))
+    shown = ok(run_cli("--tz", "Pacific/Kiritimati", "log", db=db_url, cwd=tmp_path))
+    assert "9999-12-31T23:59:59Z" in shown
+    assert ok(run_cli("--tz", "America/Los_Angeles", "history", "b.txt", "--json",
+                      db=db_url, cwd=tmp_path))
+    command = [sys.executable, "-m", "archive", "--db", db_url]
+    closed_out = subprocess.run([*command, "log"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, pass_fds=(), timeout=60,
+                                preexec_fn=lambda: os.close(1))
+    assert "standard output is closed" in one_line(fails(closed_out, 2))
+    closed_in = subprocess.run([*command, "show", "--batch"], cwd=tmp_path,
+                               capture_output=True, timeout=60, preexec_fn=lambda: os.close(0))
+    assert "standard input" in one_line(fails(closed_in, 2))
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert "no archive at" in one_line(fails(run_cli("stats", db=str(empty), cwd=tmp_path), 2))
+    assert empty.stat().st_size == 0
+    for url in (f"sqlite:///{tmp_path / 'o.db'}?timeout=abc",
+                "postgresql+psycopg://user:secret@127.0.0.1:abc/x"):
+        message = one_line(fails(run_cli("stats", db=url, cwd=tmp_path), 2))
+        assert "secret" not in message
