@@ -55,12 +55,13 @@ def parse(text: str) -> int:
         us = to_us(moment)
     except (ValueError, OverflowError):
         raise BadInput(f"cannot read time {text!r}: use {ACCEPTED}") from None
-    try:  # an offset can carry a time past year 9999 or before year 1 in UTC
-        from_us(us)
-    except OverflowError:
-        raise BadInput(f"time {text!r} is outside years 1 to 9999 in UTC") from None
+    if not _FIRST_US <= us <= _LAST_US:  # an offset can carry a time out of the calendar
+        raise BadInput(f"time {text!r} is outside years 1 to 9999 in UTC")
     return us
 
+
+_FIRST_US = to_us(datetime.min.replace(tzinfo=UTC))
+_LAST_US = to_us(datetime.max.replace(tzinfo=UTC))
 
 _seen_tz: list[str | None] = [None]
 
