@@ -114,7 +114,13 @@ def ingest(
     if deletions:
         present = {key for key, _ in keyed}
         for prefix in prefixes:
-            gone = [k for k in arc.live_keys(prefix) if k not in present]
+            # Gone means not there: a file the walk did not list (under a symlinked folder,
+            # which it does not follow) is not a deletion.
+            gone = [
+                k
+                for k in arc.live_keys(prefix)
+                if k not in present and not os.path.lexists(root / k.replace("/", os.sep))
+            ]
             batch += [Version(k, None, at_us) for k in gone]
     results += arc.record_many(batch)
     return results

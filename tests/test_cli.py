@@ -1226,3 +1226,21 @@ def test_edges_of_times_numbers_streams_and_urls_are_one_line_errors(db_url, lib
                 "postgresql+psycopg://user:secret@127.0.0.1:abc/x"):
         message = one_line(fails(run_cli("stats", db=url, cwd=tmp_path), 2))
         assert "secret" not in message
+
+
+def test_ingest_deletions_records_only_files_that_are_gone(tmp_path):
+    """--deletions records a document deleted only when its file is not there: one recorded
+    through a symlinked folder (which a folder walk does not follow) stays alive."""
+    docs = tmp_path / "docs"
+    write(docs / "a.txt", b"a\n")
+    write(tmp_path / "elsewhere" / "s.txt", b"s\n")
+    (docs / "sublink").symlink_to(tmp_path / "elsewhere")
+    db = str(tmp_path / "d.db")
+    ok(run_cli("ingest", "--root", str(docs), str(docs), str(docs / "sublink" / "s.txt"),
+               db=db, cwd=tmp_path))
+    (docs / "a.txt").unlink()
+    ok(run_cli("ingest", "--root", str(docs), str(docs), "--deletions", db=db, cwd=tmp_path))
+    with Archive(db) as arc:
+        assert sorted((ev.key, ev.type) for ev in arc.log()) == [
+            ("a.txt", "created"), ("a.txt", "deleted"), ("sublink/s.txt", "created"),
+        ]
