@@ -97,6 +97,9 @@ def ingest(
     skip = OwnFiles(arc.database_files())
     # Check every name before recording anything: bad input must not half-ingest.
     keyed = [(key_for(p, root), p) for p in walk(paths, skip)]
+    unreadable = next((p for _key, p in keyed if not os.access(p, os.R_OK)), None)
+    if unreadable is not None:  # found now, not after the first batches were committed
+        raise BadInput(f"cannot read {unreadable}: Permission denied")
     prefixes = [_folder_prefix(p, root) for p in paths if Path(p).is_dir()]
     results: list[Recorded] = []
     batch: list[Version] = []

@@ -129,8 +129,19 @@ def sqlite_files(url: str) -> list[Path]:
     path = _sqlite_path(parsed) if parsed.get_backend_name() == "sqlite" else None
     if path is None:
         return []
-    main = Path(os.path.abspath(path))
-    return [main] + [main.with_name(main.name + s) for s in ("-wal", "-shm", "-journal")]
+    # SQLite names its -wal and -shm after the file it opened, the symlink's target when
+    # the path is a symlink: both spellings are the archive's.
+    found: dict[Path, None] = {}
+    for main in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
+        found[main] = None
+        found.update((main.with_name(main.name + s), None) for s in ("-wal", "-shm", "-journal"))
+    return list(found)
+
+
+def _masked(url: str) -> str:
+    """A URL for messages: a password, in the user part or as a query option, masked."""
+    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
 
 
 def _sqlite_path(parsed) -> str | None:
@@ -159,11 +170,10 @@ class Store:
         try:
             parsed = make_url(self.url)
         except (exc.ArgumentError, ValueError) as error:  # ValueError: a port that is no number
-            shown = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", str(url))  # no password shown
-            raise BadInput(f"not a database URL or path: {shown!r} ({error})") from None
+            raise BadInput(f"not a database URL or path: {_masked(str(url))!r} ({error})") from None
         self.dialect = parsed.get_backend_name()
         # For messages: a password masked (rendering also escapes a path, so only then).
-        self.shown_url = (
+        self.shown_url = _masked(
             parsed.render_as_string(hide_password=True) if parsed.password else self.url
         )
         if self.dialect not in ("sqlite", "postgresql"):
@@ -174,8 +184,13 @@ class Store:
                 self.engine = self._sqlite_engine(parsed)
             else:
                 self.engine = create_engine(self.url, pool_pre_ping=True)
-        except (TypeError, ValueError) as error:  # an option of the URL the driver cannot use
-            raise BadInput(f"{self.shown_url}: {error}") from None
+        except (TypeError, ValueError, exc.ArgumentError) as error:  # options it cannot use
+            raise BadInput(f"{self.shown_url}: {_first_line(error)}") from None
+        except ImportError as error:  # postgresql+psycopg2:// and the like
+            raise BadInput(
+                f"{self.shown_url}: driver {error.name or error} is not installed "
+                "(use postgresql+psycopg:// or a plain postgresql:// URL)"
+            ) from None
         self._schema_checked = False
         # Per-thread DB-API connections kept open for `snapshot` (hot reads).
         self._local = threading.local()

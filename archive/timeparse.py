@@ -30,7 +30,10 @@ def now_us() -> int:
 
 def to_us(moment: datetime) -> int:
     if moment.tzinfo is None:
-        moment = moment.astimezone()  # local zone
+        try:
+            moment = moment.astimezone()  # local zone
+        except (ValueError, OSError) as error:  # the system's conversion ends before year 1
+            raise OverflowError(str(error)) from None
     delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
@@ -53,7 +56,12 @@ def parse(text: str) -> int:
         if moment.tzinfo is None:
             _follow_tz()
         us = to_us(moment)
-    except (ValueError, OverflowError):
+    except OverflowError:  # a local time the system cannot convert, at the calendar's edge
+        raise BadInput(
+            f"time {text!r} is outside years 1 to 9999 in UTC, or too near them for a local "
+            "time: give an offset or Z"
+        ) from None
+    except ValueError:
         raise BadInput(f"cannot read time {text!r}: use {ACCEPTED}") from None
     if not _FIRST_US <= us <= _LAST_US:  # an offset can carry a time out of the calendar
         raise BadInput(f"time {text!r} is outside years 1 to 9999 in UTC")

@@ -155,7 +155,9 @@ class Rules:
         for d in dirs:
             if not os.fspath(d):
                 raise BadInput("an empty folder name (an unset variable?): give the folder")
-            path = os.path.abspath(d)
+            # Resolved: a folder given through a symlink is watched where it is (inotify
+            # watches a symlink itself, not what it points to); keys stay relative to it.
+            path = os.path.realpath(d)
             if not os.path.isdir(path):
                 what = "not a folder" if os.path.lexists(path) else "no such folder"
                 raise BadInput(f"{what}: {os.fsdecode(d)!r}")
@@ -165,7 +167,7 @@ class Rules:
         kept = [d for d in absolute if not any(_inside(d, other) for other in absolute)]
         if root is None:
             root = kept[0] if len(absolute) == 1 else os.curdir
-        root = os.path.abspath(root)
+        root = os.path.realpath(root)
         for d in kept:
             if d != root and not _inside(d, root):
                 raise BadInput(f"folder {d!r} is outside the root {root!r}: give --root")
@@ -1150,29 +1152,33 @@ MAX_RESCAN = 7 * 86400.0
 
 
 def _refuse_foreign_folders(arc: Archive, rules: Rules) -> None:
-    """Start-up guard: when the archive holds documents under the watched folders' keys and
-    not one of them is there, the folders are most likely the wrong ones (or the --root
-    differs from last time), and reconciling would record every one of them as deleted, for
-    good. The first key found present ends the check."""
+    """Start-up guard, folder by folder: when the archive holds documents that reconciling
+    this folder could delete (under its keys, not ignored) and not one of them is there, the
+    folder is most likely the wrong one (or --root differs from last time), and reconciling
+    would record every one of them as deleted, for good. A folder that cannot be listed
+    entirely proves nothing and is let through (nothing under it is deleted anyway)."""
     _, current = arc.corpus()
-    prefixes = [p for p in (rules.prefix_of(d) for d in rules.dirs) if p is not None]
-    archived = {
-        ev.key
-        for ev in current
-        if ev.sha256 is not None and any(ev.key.startswith(p) for p in prefixes)
-    }
-    if not archived:
-        return
+    live = [ev.key for ev in current if ev.sha256 is not None]
     for folder in rules.dirs:
-        for path in rules.walk(folder, []):
-            if rules.key_of(path) in archived:
-                return
-    raise BadInput(
-        f"none of the {len(archived)} documents the archive holds under these keys is in "
-        f"{', '.join(rules.dirs)}: watching would record them all as deleted. Check the "
-        "folders and --root; if they are gone indeed, record that with `archive ingest "
-        "--deletions` first"
-    )
+        prefix = rules.prefix_of(folder)
+        if prefix is None:
+            continue
+        deletable = {
+            k for k in live if k.startswith(prefix) and rules.key_of(rules.path_of(k)) == k
+        }
+        if not deletable:
+            continue
+        blocked: list[str] = []
+        if any(rules.key_of(path) in deletable for path in rules.walk(folder, blocked)):
+            continue
+        if blocked:
+            continue
+        raise BadInput(
+            f"none of the {len(deletable)} documents the archive holds under the keys of "
+            f"{folder} is there: watching would record them all as deleted. Check the "
+            "folder and --root; if they are gone indeed, record that first with `archive "
+            f"ingest --deletions --root {rules.root} {folder}`"
+        )
 
 
 def _run_daemon(watcher: Watcher) -> None:

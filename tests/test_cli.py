@@ -1223,9 +1223,14 @@ def test_edges_of_times_numbers_streams_and_urls_are_one_line_errors(db_url, lib
     assert "no archive at" in one_line(fails(run_cli("stats", db=str(empty), cwd=tmp_path), 2))
     assert empty.stat().st_size == 0
     for url in (f"sqlite:///{tmp_path / 'o.db'}?timeout=abc",
-                "postgresql+psycopg://user:secret@127.0.0.1:abc/x"):
+                "postgresql+psycopg://user:secret@127.0.0.1:abc/x",
+                "postgresql://user:se/cret@localhost:abc/db",
+                "postgresql://user@localhost:abc/db?password=secret",
+                "postgresql://u:secret@/db?port=abc",
+                "postgresql+psycopg2://u:secret@localhost/db",
+                "sqlite://c.db"):
         message = one_line(fails(run_cli("stats", db=url, cwd=tmp_path), 2))
-        assert "secret" not in message
+        assert "secret" not in message and "cret@" not in message
 
 
 def test_ingest_deletions_records_only_files_that_are_gone(tmp_path):

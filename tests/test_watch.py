@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -753,3 +754,57 @@ def test_watched_folder_deleted_and_recreated(tmp_path, daemons):
     assert daemon.stop() == 0
     assert_clean_histories(arc)
     arc.close()
+
+
+def test_a_folder_and_a_database_reached_through_symlinks(tmp_path, daemons):
+    """Watching a symlink to a folder follows the folder itself (native notifications
+    watch a symlink, not its target); an archive opened through a symlink to a database
+    inside the folder never records its own -wal and -shm, whose names SQLite takes from
+    the target."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    (tmp_path / "db.lnk").symlink_to(real / "arch.db")
+    db = str(tmp_path / "db.lnk")
+    daemon = daemons(db, tmp_path / "link", "--debounce", DEBOUNCE, "--rescan", "0").ready()
+    arc = Archive(db)
+    expected = {}
+    for n in range(5):
+        (real / f"f{n}.txt").write_bytes(b"version %d\n" % n)
+        expected[f"f{n}.txt"] = b"version %d\n" % n
+        time.sleep(0.1)
+    wait_for(lambda: archive_state(arc) == expected, "the files written after start-up",
+             logs=[daemon])
+    time.sleep(1.0)  # the WAL keeps changing while the daemon commits: none is recorded
+    assert daemon.stop() == 0
+    assert archive_state(arc) == expected
+    arc.close()
+
+
+def test_the_start_up_guard_counts_only_what_reconciling_would_delete(tmp_path):
+    """The guard against the wrong folder refuses only when reconciling a folder would
+    delete every document archived under its keys: ignored names do not count, nor does a
+    folder among several that still holds its documents (the emptied one is refused, by
+    name), and its message's remedy works as written."""
+    def watch(*args: str):
+        return run_cli("watch", *args, "--once", db=db, cwd=tmp_path)
+
+    db = str(tmp_path / "g.db")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "run.log").write_bytes(b"log\n")
+    assert watch("d").returncode == 0
+    assert watch("d", "--ignore", "*.log").returncode == 0  # run.log cannot be deleted by it
+    for name in ("m1", "m2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.txt").write_bytes(name.encode())
+    assert watch("m1", "m2", "--root", ".").returncode == 0
+    (tmp_path / "m2" / "m2.txt").unlink()
+    refused = watch("m1", "m2", "--root", ".")
+    assert refused.returncode == 2 and "m2" in refused.stderr.decode()
+    remedy = re.search(r"`(archive ingest [^`]+)`", refused.stderr.decode()).group(1)
+    done = run_cli(*remedy.split()[1:], db=db, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert watch("m1", "m2", "--root", ".").returncode == 0
+    with Archive(db) as arc:
+        assert arc.history("m2/m2.txt")[-1].type == "deleted"
+        assert arc.show("m1/m1.txt").data == b"m1"
