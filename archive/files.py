@@ -7,6 +7,7 @@ UTF-8 are refused rather than mangled, and the archive's own database files are 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,18 @@ def key_for(path: str | os.PathLike, root: str | os.PathLike) -> str:
         shown = os.fsencode(relative)
         raise BadInput(f"file name {shown!r} is not valid UTF-8; rename it to archive it") from None
     return relative.replace(os.sep, "/")
+
+
+def absent(path: str | os.PathLike) -> bool:
+    """No regular file at `path` (following symlinks, as ingest and watch read files): what
+    a deletion means. An error other than "not found" (a folder we may not list) is not
+    proof of absence."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
 
 
 class OwnFiles:
@@ -99,7 +112,8 @@ def ingest(
     keyed = [(key_for(p, root), p) for p in walk(paths, skip)]
     unreadable = next((p for _key, p in keyed if not os.access(p, os.R_OK)), None)
     if unreadable is not None:  # found now, not after the first batches were committed
-        raise BadInput(f"cannot read {unreadable}: Permission denied")
+        why = "Permission denied" if unreadable.exists() else "No such file or directory"
+        raise BadInput(f"cannot read {unreadable}: {why}")
     prefixes = [_folder_prefix(p, root) for p in paths if Path(p).is_dir()]
     results: list[Recorded] = []
     batch: list[Version] = []
@@ -117,12 +131,12 @@ def ingest(
     if deletions:
         present = {key for key, _ in keyed}
         for prefix in prefixes:
-            # Gone means not there: a file the walk did not list (under a symlinked folder,
-            # which it does not follow) is not a deletion.
+            # Gone means no regular file there, as the watcher decides: one the walk did not
+            # list (under a symlinked folder, which it does not follow) is no deletion.
             gone = [
                 k
                 for k in arc.live_keys(prefix)
-                if k not in present and not os.path.lexists(root / k.replace("/", os.sep))
+                if k not in present and absent(root / k.replace("/", os.sep))
             ]
             batch += [Version(k, None, at_us) for k in gone]
     results += arc.record_many(batch)

@@ -78,7 +78,7 @@ from watchdog.events import (
 from .api import ABSENT, Archive, Recorded, Version, check_key
 from .errors import BadInput, NotFound, StorageError
 from .events import DELETED
-from .files import OwnFiles, key_for
+from .files import OwnFiles, absent, key_for
 
 T = TypeVar("T")
 
@@ -155,9 +155,7 @@ class Rules:
         for d in dirs:
             if not os.fspath(d):
                 raise BadInput("an empty folder name (an unset variable?): give the folder")
-            # Resolved: a folder given through a symlink is watched where it is (inotify
-            # watches a symlink itself, not what it points to); keys stay relative to it.
-            path = os.path.realpath(d)
+            path = os.path.abspath(d)
             if not os.path.isdir(path):
                 what = "not a folder" if os.path.lexists(path) else "no such folder"
                 raise BadInput(f"{what}: {os.fsdecode(d)!r}")
@@ -167,7 +165,7 @@ class Rules:
         kept = [d for d in absolute if not any(_inside(d, other) for other in absolute)]
         if root is None:
             root = kept[0] if len(absolute) == 1 else os.curdir
-        root = os.path.realpath(root)
+        root = os.path.abspath(root)
         for d in kept:
             if d != root and not _inside(d, root):
                 raise BadInput(f"folder {d!r} is outside the root {root!r}: give --root")
@@ -264,17 +262,6 @@ def _glob_regex(globs: Sequence[str]) -> re.Pattern[str] | None:
 
 
 _DEFAULT_IGNORED = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in DEFAULT_IGNORES))
-
-
-def _absent(path: str) -> bool:
-    """No regular file at `path` (as `archive ingest` sees files); an error other than
-    "not found" (a folder we may not list) is not proof of absence."""
-    try:
-        return not stat.S_ISREG(os.stat(path).st_mode)
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    except OSError:
-        return False
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -420,7 +407,11 @@ class Watcher:
                 log.error("cannot watch %s: no such folder (watched again once it exists)", d)
         try:
             for d in watching:
-                observer.schedule(handler, d, recursive=True, event_filter=EVENT_FILTER)
+                # follow_symlink: a folder given through a symlink is watched where it
+                # is (otherwise inotify watches the symlink itself, and nothing arrives).
+                observer.schedule(
+                    handler, d, recursive=True, event_filter=EVENT_FILTER, follow_symlink=True
+                )
             observer.start()
         except BaseException:
             try:
@@ -722,7 +713,7 @@ class Watcher:
         return [
             Version(key, None, expect=self._expect(key))
             for key, path in gone
-            if key in live and _absent(path)
+            if key in live and absent(path)
         ]
 
     def _read(self, path: str, *, force: bool) -> Read:
@@ -1012,7 +1003,7 @@ class Watcher:
             return False
         if any(path == b or _inside(path, b) for b in blocked):
             return False
-        return _absent(path)
+        return absent(path)
 
     def _moved_while_unseen(
         self, key: str, sha: bytes, by_sha: dict[bytes, list[str]], blocked: list[str]
@@ -1155,8 +1146,7 @@ def _refuse_foreign_folders(arc: Archive, rules: Rules) -> None:
     """Start-up guard, folder by folder: when the archive holds documents that reconciling
     this folder could delete (under its keys, not ignored) and not one of them is there, the
     folder is most likely the wrong one (or --root differs from last time), and reconciling
-    would record every one of them as deleted, for good. A folder that cannot be listed
-    entirely proves nothing and is let through (nothing under it is deleted anyway)."""
+    would record every one of them as deleted, for good."""
     _, current = arc.corpus()
     live = [ev.key for ev in current if ev.sha256 is not None]
     for folder in rules.dirs:
@@ -1166,12 +1156,9 @@ def _refuse_foreign_folders(arc: Archive, rules: Rules) -> None:
         deletable = {
             k for k in live if k.startswith(prefix) and rules.key_of(rules.path_of(k)) == k
         }
-        if not deletable:
-            continue
-        blocked: list[str] = []
-        if any(rules.key_of(path) in deletable for path in rules.walk(folder, blocked)):
-            continue
-        if blocked:
+        # Present as reconciling sees it (a regular file, through symlinks too; a file we
+        # may not even stat is not proof of absence): one is enough to go on.
+        if not deletable or not all(absent(rules.path_of(k)) for k in deletable):
             continue
         raise BadInput(
             f"none of the {len(deletable)} documents the archive holds under the keys of "

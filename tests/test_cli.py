@@ -1243,9 +1243,21 @@ def test_ingest_deletions_records_only_files_that_are_gone(tmp_path):
     db = str(tmp_path / "d.db")
     ok(run_cli("ingest", "--root", str(docs), str(docs), str(docs / "sublink" / "s.txt"),
                db=db, cwd=tmp_path))
+    for name in ("folder", "dangling", "fifo"):
+        write(docs / name, b"x\n")
+    ok(run_cli("ingest", "--root", str(docs), str(docs), db=db, cwd=tmp_path))
     (docs / "a.txt").unlink()
+    for name in ("folder", "dangling", "fifo"):  # no regular file there any more
+        (docs / name).unlink()
+    (docs / "folder").mkdir()
+    (docs / "dangling").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(docs / "fifo")
     ok(run_cli("ingest", "--root", str(docs), str(docs), "--deletions", db=db, cwd=tmp_path))
     with Archive(db) as arc:
-        assert sorted((ev.key, ev.type) for ev in arc.log()) == [
-            ("a.txt", "created"), ("a.txt", "deleted"), ("sublink/s.txt", "created"),
-        ]
+        deleted = sorted(ev.key for ev in arc.log() if ev.type == "deleted")
+        assert deleted == ["a.txt", "dangling", "fifo", "folder"]
+        assert arc.show("sublink/s.txt").data == b"s\n"
+    # The watcher agrees: nothing more to delete, and the guard lets it start.
+    ok(run_cli("watch", str(docs), "--once", db=db, cwd=tmp_path))
+    with Archive(db) as arc:
+        assert sorted(ev.key for ev in arc.log() if ev.type == "deleted") == deleted

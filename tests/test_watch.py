@@ -808,3 +808,21 @@ def test_the_start_up_guard_counts_only_what_reconciling_would_delete(tmp_path):
     with Archive(db) as arc:
         assert arc.history("m2/m2.txt")[-1].type == "deleted"
         assert arc.show("m1/m1.txt").data == b"m1"
+
+
+def test_a_folder_outside_the_root_through_a_symlink_keeps_ingests_keys(tmp_path):
+    """`watch --root R R/link`, the link leading out of R, gives the keys `ingest --root R
+    R/link` gives; and documents that live only under a symlinked folder are present for
+    the start-up guard, as they are for reconciling."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere" / "notes"
+    root.mkdir()
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "a.txt").write_bytes(b"hi\n")
+    (root / "notes").symlink_to(elsewhere)
+    db = str(tmp_path / "s.db")
+    assert run_cli("ingest", "--root", str(root), str(root / "notes"), db=db).returncode == 0
+    for args in (["--root", str(root), str(root / "notes")], [str(root)]):
+        done = run_cli("watch", *args, "--once", db=db, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    with Archive(db) as arc:
+        assert [(ev.key, ev.type) for ev in arc.log()] == [("notes/a.txt", "created")]
