@@ -357,6 +357,7 @@ class Watcher:
         self.archived: dict[str, bytes] = {}
         self.observer: Any = None
         self.watching: list[str] = []
+        self._aliases: list[tuple[str, str]] = []  # (resolved, given) watched folders
 
     # -- called from other threads ------------------------------------------------------------
 
@@ -405,12 +406,16 @@ class Watcher:
         for d in self.rules.dirs:
             if d not in watching:
                 log.error("cannot watch %s: no such folder (watched again once it exists)", d)
+        # A folder given through a symlink is watched where it is: inotify would watch the
+        # symlink itself, and nothing would arrive. (watchdog's follow_symlink would follow
+        # every symlinked folder below too, and loops without end on `loop -> .`.) Its
+        # events are mapped back to the path given, which the keys are made from.
+        self._aliases = [(os.path.realpath(d), d) for d in watching]
+        self._aliases = [(real, d) for real, d in self._aliases if real != d]
         try:
             for d in watching:
-                # follow_symlink: a folder given through a symlink is watched where it
-                # is (otherwise inotify watches the symlink itself, and nothing arrives).
                 observer.schedule(
-                    handler, d, recursive=True, event_filter=EVENT_FILTER, follow_symlink=True
+                    handler, os.path.realpath(d), recursive=True, event_filter=EVENT_FILTER
                 )
             observer.start()
         except BaseException:
@@ -511,13 +516,20 @@ class Watcher:
 
     # -- events -> pending paths and renames ---------------------------------------------------
 
+    def _given(self, path: str) -> str:
+        """An event's path under the folder as given (see `_start`)."""
+        for real, given in self._aliases:
+            if path == real or path.startswith(real + os.sep):
+                return given + path[len(real) :]
+        return path
+
     def _on_event(self, event: FileSystemEvent) -> None:
         kind = event.event_type
-        src = os.fsdecode(event.src_path)
+        src = self._given(os.fsdecode(event.src_path))
         if kind == EVENT_TYPE_MOVED:
             if event.is_synthetic:
                 return  # a file inside a moved folder: the folder's move covers it
-            dest = os.fsdecode(event.dest_path)
+            dest = self._given(os.fsdecode(event.dest_path))
             if event.is_directory:
                 self._folder_moved(src, dest)
             else:

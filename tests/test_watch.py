@@ -758,11 +758,13 @@ def test_watched_folder_deleted_and_recreated(tmp_path, daemons):
 
 def test_a_folder_and_a_database_reached_through_symlinks(tmp_path, daemons):
     """Watching a symlink to a folder follows the folder itself (native notifications
-    watch a symlink, not its target); an archive opened through a symlink to a database
+    watch a symlink, not its target), and no symlinked folder below it (a cycle would never
+    end); an archive opened through a symlink to a database
     inside the folder never records its own -wal and -shm, whose names SQLite takes from
     the target."""
     real = tmp_path / "real"
     real.mkdir()
+    (real / "loop").symlink_to(".")  # a cycle: symlinked folders below are not followed
     (tmp_path / "link").symlink_to(real)
     (tmp_path / "db.lnk").symlink_to(real / "arch.db")
     db = str(tmp_path / "db.lnk")
