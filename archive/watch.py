@@ -396,9 +396,13 @@ class Watcher:
                     POLL_INTERVAL,
                 )
                 self.polling = True
-        from watchdog.observers.polling import PollingObserver
+        from watchdog.observers.polling import PollingObserverVFS
 
-        return self._start(PollingObserver(timeout=POLL_INTERVAL))
+        # lstat: the snapshots do not descend into symlinked folders, as inotify does not;
+        # with stat a cycle (`loop -> .`) made the first snapshot endless.
+        return self._start(
+            PollingObserverVFS(stat=os.lstat, listdir=os.scandir, polling_interval=POLL_INTERVAL)
+        )
 
     def _start(self, observer: Any) -> Any:
         handler = _Enqueue(self.post)
