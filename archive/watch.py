@@ -239,6 +239,11 @@ class Rules:
     def path_of(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/"))
 
+    def owns(self, key: str) -> bool:
+        """Whether `key` is one this watcher archives (its path is watched, not ignored):
+        only such a document may be recorded deleted when its file is gone."""
+        return self.key_of(self.path_of(key)) == key
+
     def walk(self, folder: str, blocked: list[str]) -> Iterator[str]:
         """Every file path under `folder` that is not in an ignored folder. Folders that
         cannot be listed go to `blocked`: what they hold is unknown, not gone."""
@@ -1015,7 +1020,7 @@ class Watcher:
         """Record a deletion only for a path we watch, that we could list, that no event is
         about to settle, and that is really absent now."""
         path = self.rules.path_of(key)
-        if self.rules.key_of(path) != key or path in self.pending:
+        if not self.rules.owns(key) or path in self.pending:
             return False
         if any(path == b or _inside(path, b) for b in blocked):
             return False
@@ -1170,7 +1175,7 @@ def _refuse_foreign_folders(arc: Archive, rules: Rules) -> None:
         if prefix is None:
             continue
         deletable = {
-            k for k in live if k.startswith(prefix) and rules.key_of(rules.path_of(k)) == k
+            k for k in live if k.startswith(prefix) and rules.owns(k)
         }
         # Present as reconciling sees it (a regular file, through symlinks too; a file we
         # may not even stat is not proof of absence): one is enough to go on.
