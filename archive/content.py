@@ -15,6 +15,11 @@ import zlib
 RAW = 0
 ZLIB = 1
 ZSTD = 2
+# A delta's payload compressed by zstd with its base's bytes as a raw-content dictionary: the
+# inserted text of a rewrite is mostly text moved or copied from the base (diff-match-patch
+# can only delete and insert), and zstd then stores it as references into the base. On the
+# real history this made the deltas over 4 KB 30 % smaller.
+ZSTD_BASE = 3
 
 _LEVEL = 9
 # Payloads above this (keyframes, the deltas of rewrites) are compressed with zstd: on the chain
@@ -49,11 +54,19 @@ def as_text(data: bytes) -> str | None:
         return None
 
 
-def pack(payload: bytes) -> tuple[int, bytes]:
+def pack(payload: bytes, base: bytes | None = None) -> tuple[int, bytes]:
     """Compress only when compression shrinks: small deltas grow under zlib. Decided by the
-    payload alone (its size, then whether the result is smaller), so the same payload is
+    payload (and the base a delta's payload is given with) alone, so the same payload is
     always stored alike."""
     if len(payload) > ZSTD_FROM:
+        # Against a base under a quarter of the payload the dictionary cannot supply much, and
+        # zstd with a dictionary came out up to 28 % larger than without (a 342 KB page
+        # inserted on a 150-byte stub): such payloads are compressed alone.
+        if base is not None and len(base) * 4 >= len(payload):
+            packed = _zstd_with_base(base).compress(payload)
+            if len(packed) < len(payload):
+                return ZSTD_BASE, packed
+            return RAW, payload
         level = _ZSTD_LEVEL if len(payload) <= DELTA_UP_TO else _ZSTD_LEVEL_LARGE
         packed = _zstd_codec(level).compress(payload)
         if len(packed) < len(payload):
@@ -75,19 +88,34 @@ def _deflate(payload: bytes, level: int) -> bytes:
     return packer.compress(payload) + packer.flush()
 
 
-def unpack(codec: int, blob: bytes) -> bytes:
+def unpack(codec: int, blob: bytes, base: bytes | None = None) -> bytes:
+    """The payload of a stored blob; a ZSTD_BASE blob needs the bytes of its base."""
     if codec == RAW:
         return bytes(blob)
     if codec == ZLIB:
         return zlib.decompress(blob)
-    if codec == ZSTD:
+    if codec in (ZSTD, ZSTD_BASE):
         import zstandard
 
+        if codec == ZSTD_BASE and base is None:
+            raise ValueError("a delta compressed against its base needs the base")
+        unpacker = _zstd_codec(None) if codec == ZSTD else _zstd_with_base(base, unpack=True)
         try:  # the frame carries the payload's size: the output is allocated once
-            return _zstd_codec(None).decompress(blob)
+            return unpacker.decompress(blob)
         except (zstandard.ZstdError, MemoryError) as error:  # a damaged size asks for exabytes
             raise ValueError(f"zstd: {error or 'declared size cannot be allocated'}") from None
     raise ValueError(f"unknown codec {codec}")
+
+
+def _zstd_with_base(base: bytes, *, unpack: bool = False):
+    """A zstd compressor (level 9) or decompressor whose dictionary is `base` as raw content.
+    Made per call: the dictionary is a different base each time."""
+    import zstandard
+
+    dictionary = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    if unpack:
+        return zstandard.ZstdDecompressor(dict_data=dictionary)
+    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL, dict_data=dictionary, write_checksum=False)
 
 
 _codecs = threading.local()

@@ -48,7 +48,7 @@ def diff(old: str, new: str) -> list[tuple[int, str]]:
     return [(op, piece.decode("utf-8")) for op, piece in byte_ops(old.encode(), new.encode())]
 
 
-def byte_ops(old: bytes, new: bytes) -> list[tuple[int, bytes]]:
+def byte_ops(old: bytes, new: bytes, *, coarse: bool = False) -> list[tuple[int, bytes]]:
     """The diff of two UTF-8 texts as operations on their bytes, each piece whole characters.
 
     Everything that can be settled by comparing bytes is, at memcmp speed: the common prefix
@@ -59,9 +59,18 @@ def byte_ops(old: bytes, new: bytes) -> list[tuple[int, bytes]]:
     part without anchors is diffed by lines (see CHARS_UP_TO). Decided by the bytes alone, so
     the same inputs always give the same delta. `old` must be UTF-8; if `new` is not, this
     raises UnicodeDecodeError (the caller then stores it whole).
+
+    `coarse` stops at the anchors: what lies between them, and parts up to LEAF bytes, are
+    replaced whole, never diffed. That is for a delta compressed against its base
+    (content.ZSTD_BASE), where zstd finds again what a finer diff would keep: on the chain
+    workload's versions 50 to 200 apart it was as small and 3 to 10 times faster (about
+    1.5 ms against 2-16).
     """
     out: list[tuple[int, bytes]] = []
-    _split(old, 0, len(old), new, 0, len(new), out, [MIDDLE_UP_TO])
+    if coarse:
+        _split(old, 0, len(old), new, 0, len(new), out, [0], LEAF)
+    else:
+        _split(old, 0, len(old), new, 0, len(new), out, [MIDDLE_UP_TO])
     return _merged(out)
 
 
@@ -82,12 +91,13 @@ _FOUND_ENOUGH = 3
 
 def _split(
     a: bytes, alo: int, ahi: int, b: bytes, blo: int, bhi: int,
-    out: list[tuple[int, bytes]], budget: list[int],
+    out: list[tuple[int, bytes]], budget: list[int], whole: int = TINY,
 ) -> None:
     """Diff a[alo:ahi] against b[blo:bhi] into `out`. Parts are offsets, not copies: bytes
     are sliced only when emitted or decoded, so memory stays that of the two texts however
     deep the splitting goes. `budget` is the characters still allowed to the diffs of parts
-    without anchors: past it a part is replaced whole (MIDDLE_UP_TO bounds the work)."""
+    without anchors: past it a part is replaced whole (MIDDLE_UP_TO bounds the work). Parts
+    up to `whole` bytes are replaced whole (TINY; LEAF in a coarse diff)."""
     head = _prefix_at(a, alo, ahi, b, blo, bhi)
     tail = _suffix_at(a, alo + head, ahi, b, blo + head, bhi)
     while head and alo + head < ahi and (a[alo + head] & 0xC0) == 0x80:
@@ -105,7 +115,7 @@ def _split(
             out.append((1, inserted))
         elif alo < ahi:
             out.append((-1, a[alo:ahi]))
-    elif size <= TINY:
+    elif size <= whole:
         inserted = b[blo:bhi]
         inserted.decode("utf-8")
         out += [(-1, a[alo:ahi]), (1, inserted)]
@@ -116,8 +126,8 @@ def _split(
         cut = _anchor(a, alo, ahi, b, blo, bhi)
         if cut is not None:
             i, j = cut  # both parts are smaller: blo < j < bhi
-            _split(a, alo, i, b, blo, j, out, budget)
-            _split(a, i, ahi, b, j, bhi, out, budget)
+            _split(a, alo, i, b, blo, j, out, budget, whole)
+            _split(a, i, ahi, b, j, bhi, out, budget, whole)
         else:
             old, new = a[alo:ahi].decode("utf-8"), b[blo:bhi].decode("utf-8")
             if len(old) + len(new) > budget[0]:
@@ -400,15 +410,15 @@ UTF8_FORM = b"\x02"
 UTF16_FORM = b"\x01"
 
 
-def make(old: str | bytes, new: str | bytes) -> bytes:
+def make(old: str | bytes, new: str | bytes, *, coarse: bool = False) -> bytes:
     """The delta that turns `old` into `new`, in the stored form: the operations of
-    `byte_ops`, each counted in UTF-8 bytes. Raises UnicodeDecodeError if `new` is not
-    UTF-8 (`old` must be)."""
+    `byte_ops` (coarse or not), each counted in UTF-8 bytes. Raises UnicodeDecodeError if
+    `new` is not UTF-8 (`old` must be)."""
     if isinstance(old, str):
         old = old.encode("utf-8")
     if isinstance(new, str):
         new = new.encode("utf-8")
-    ops = byte_ops(old, new)
+    ops = byte_ops(old, new, coarse=coarse)
     counts = b"\t".join(b"%s%d" % (_SIGN[op], len(piece)) for op, piece in ops)
     return UTF8_FORM + counts + b"\x00" + b"".join(piece for op, piece in ops if op == 1)
 

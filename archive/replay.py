@@ -98,13 +98,16 @@ class ContentCache:
             self.rows[row[_ID]] = tuple(row)
             self._rows_used += len(data) + _ROW_OVERHEAD
 
-    def payload(self, row: Any) -> bytes:
-        """A row's delta, decompressed; a remembered row is decompressed once."""
+    def payload(self, row: Any, base: bytes) -> bytes:
+        """A row's delta, decompressed; a remembered row is decompressed once, unless it was
+        compressed against its base (that base may be an unchecked one, and wrong)."""
         kept = self.rows.get(row[_ID])
         if kept is not None:
             row = kept
         if row[_CODEC] == content.RAW:
             return bytes(row[_DATA])
+        if row[_CODEC] == content.ZSTD_BASE:
+            return content.unpack(content.ZSTD_BASE, row[_DATA], base)
         data = content.unpack(row[_CODEC], row[_DATA])
         if kept is not None:
             self.rows[row[_ID]] = (*kept[:_CODEC], content.RAW, data)
@@ -287,8 +290,8 @@ class _Overlay(ContentCache):
     def keep_rows(self, rows: Iterable[Any]) -> None:
         pass  # a bulk load's rows are used once
 
-    def payload(self, row: Any) -> bytes:
-        return self.under.payload(row)  # the rows are the shared cache's
+    def payload(self, row: Any, base: bytes) -> bytes:
+        return self.under.payload(row, base)  # the rows are the shared cache's
 
     def forget_unchecked(self) -> None:
         super().forget_unchecked()
@@ -346,7 +349,7 @@ def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> byte
     passed = []
     try:
         for steps, row in enumerate(chain, start=1):
-            data = delta.apply_chain(data, [cache.payload(row)])
+            data = delta.apply_chain(data, [cache.payload(row, data)])
             if steps % PASSED_EVERY == 0 and steps < len(chain):  # the top is kept below
                 passed.append((row[_ID], data))
     except (ValueError, UnicodeDecodeError, zlib.error):
@@ -377,7 +380,7 @@ def _rebuild_stepwise(base: bytes, chain: list[Any], cache: ContentCache) -> byt
     """Each delta applied and checked on its own: raises Damaged naming the first bad one."""
     for row in chain:
         try:
-            base = delta.apply_chain(base, [cache.payload(row)])
+            base = delta.apply_chain(base, [cache.payload(row, base)])
         except (ValueError, UnicodeDecodeError, zlib.error) as error:
             raise Damaged(f"content {row[_ID]}: delta does not apply: {error}") from None
         _check(row, base)

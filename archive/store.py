@@ -52,7 +52,7 @@ T = TypeVar("T")
 
 # Alembic revisions in order; the last is the schema this code reads and writes. A test checks
 # this against the scripts in alembic/versions, so start-up never has to import Alembic.
-REVISIONS = ("0001",)
+REVISIONS = ("0001", "0002")
 HEAD = REVISIONS[-1]
 
 # A SQLite INTEGER PRIMARY KEY is the rowid; BIGINT would not be.

@@ -570,14 +570,7 @@ def test_keyframes_are_zstd_small_payloads_zlib_or_raw_and_all_replay(db_url):
     [(keyframe_id, blob)] = raw_rows(
         db_url, f"SELECT id, data FROM contents WHERE codec = {content.ZSTD}"
     )
-    flipped = bytearray(blob)
-    flipped[len(flipped) // 2] ^= 0xFF
-    raw_sql(
-        db_url,
-        f"UPDATE contents SET data = {_blob_literal(db_url, bytes(flipped))}"
-        f" WHERE id = {keyframe_id}",
-        bypass=("contents",),
-    )
+    _flip_a_byte(db_url, keyframe_id, blob)
     with reader(db_url) as fresh:
         with pytest.raises(Damaged):
             fresh.show("big.txt")
@@ -602,6 +595,18 @@ def test_keyframes_are_zstd_small_payloads_zlib_or_raw_and_all_replay(db_url):
 
 def _blob_literal(db_url: str, data: bytes) -> str:
     return f"X'{data.hex()}'" if dialect(db_url) == "sqlite" else f"'\\x{data.hex()}'::bytea"
+
+
+def _flip_a_byte(db_url: str, content_id: int, blob: bytes) -> None:
+    """Damage: one byte in the middle of a stored blob flipped."""
+    flipped = bytearray(blob)
+    flipped[len(flipped) // 2] ^= 0xFF
+    raw_sql(
+        db_url,
+        f"UPDATE contents SET data = {_blob_literal(db_url, bytes(flipped))}"
+        f" WHERE id = {content_id}",
+        bypass=("contents",),
+    )
 
 
 def test_replay_fails_loudly_on_tampered_keyframe(arc, db_url):
@@ -1054,14 +1059,24 @@ def test_damage_that_a_later_delta_hides_is_still_caught(db_url):
     assert any(p.get("document") == "victim.txt" and p.get("seq") == 2 for p in problems)
 
 
-def test_a_page_back_from_an_error_stub_is_a_small_delta_on_the_page_before(db_url):
-    """A page that briefly became an error stub and then came back (slightly edited) is
-    stored as a small delta against the page before the stub, not as a full copy."""
+@pytest.mark.parametrize("change", ["error stub", "section cut"])
+def test_a_page_back_after_a_large_change_is_a_small_delta_on_the_page_before(db_url, change):
+    """A page that briefly became an error stub, or lost a section, and then came back
+    (slightly edited) is stored as a small delta against the page before, not as a full copy
+    or a delta inserting the section again. In the second case the page came back edited near
+    both ends, so no earlier version shares a useful common prefix or suffix with it: the
+    candidates are ranked by the lines each lacks."""
     page = seed("002")
-    back = page.replace(b"Iran", b"IRAN", 3)
+    lines = page.splitlines(keepends=True)
+    if change == "error stub":
+        middle, back = b"503 Service Unavailable\n", page.replace(b"Iran", b"IRAN", 3)
+    else:
+        middle = b"".join(lines[:20] + lines[40:])
+        back = b"".join(lines[:-1]).replace(b"Iran", b"IRAN", 1)  # its last line cut
+        assert back[:200] != page[:200] and back[-20:] != page[-20:]
     t0 = us("2020-01-02T10:00:00Z")
     with Archive(db_url) as arc:
-        for i, data in enumerate([page, b"503 Service Unavailable\n", back]):
+        for i, data in enumerate([page, middle, back]):
             arc.record("p.txt", data, at=t0 + i)
         events = arc.history("p.txt")
     rows = content_rows(db_url)
@@ -1092,3 +1107,95 @@ def test_contents_a_replay_passes_only_fill_free_room_in_the_cache():
     assert cache.used <= cache.budget
     cache.put(1, bytes(100))  # a checked one makes room by evicting passed ones first
     assert cache.checked(0) and cache.checked(1) and cache.used <= cache.budget
+
+
+def _codecs(db_url: str) -> dict[int, tuple[int | None, int, int]]:
+    """id -> (base_id, depth, codec) of every stored content."""
+    rows = raw_rows(db_url, "SELECT id, base_id, depth, codec FROM contents")
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def _paragraphs(data: bytes) -> list[bytes]:
+    return data.split(b"\n\n")
+
+
+def test_a_rewrite_that_moves_text_is_compressed_against_its_base(db_url):
+    """diff-match-patch can only delete and insert: paragraphs moved about come out as
+    inserted text. That payload is compressed with its base as zstd dictionary (codec 3),
+    smaller than compressed alone, and replays exactly from storage; damage is reported."""
+    from archive import content
+
+    page = b"\n\n".join(_paragraphs(seed("003")) + _paragraphs(seed("001")))
+    parts = _paragraphs(page)
+    moved = b"\n\n".join(parts[1::2] + parts[0::2])  # the same text, reordered
+    t0 = us("2020-01-02T10:00:00Z")
+    with Archive(db_url) as arc:
+        arc.record("r.txt", page, at=t0)
+        arc.record("r.txt", moved, at=t0 + 1)
+        events = arc.history("r.txt")
+    codecs, rows = _codecs(db_url), content_rows(db_url)
+    base_id, depth, codec = codecs[events[1].content_id]
+    assert (base_id, depth, codec) == (events[0].content_id, 1, content.ZSTD_BASE)
+    payload = content.unpack(codec, rows[events[1].content_id]["data"], page)
+    assert len(payload) > content.ZSTD_FROM  # the moved text is inserted text
+    alone = content.pack(payload)[1]
+    assert len(rows[events[1].content_id]["data"]) * 2 < len(alone)
+    with reader(db_url) as fresh:
+        assert fresh.show("r.txt", version=2).data == moved
+        assert fresh.verify() == []
+    with pytest.raises(ValueError):
+        content.unpack(content.ZSTD_BASE, rows[events[1].content_id]["data"])  # no base
+    _flip_a_byte(db_url, events[1].content_id, rows[events[1].content_id]["data"])
+    with reader(db_url) as fresh:
+        with pytest.raises(Damaged):
+            fresh.show("r.txt", version=2)
+        assert fresh.show("r.txt", version=1).data == page
+        problems = fresh.verify()
+    assert len(problems) == 1 and f"content {events[1].content_id}" in str(problems[0])
+
+
+def test_a_full_chain_of_a_large_page_is_rebased_on_its_keyframe(db_url):
+    """A large page changed in place (a section that comes and goes) is not given a new
+    keyframe when its chain is full: the next delta is taken against the chain's keyframe,
+    so the chain starts again at depth 1, and every replay stays within K deltas."""
+    from archive.api import REBASE_FROM
+
+    page = b"".join(seed(n) for n in ("000", "001", "002", "003", "004"))
+    assert len(page) >= REBASE_FROM
+    lines = page.splitlines(keepends=True)
+    section = slice(len(lines) // 3, len(lines) // 3 + 6)
+    versions = []
+    for i in range(12):
+        cut = lines[: section.start] + lines[section.stop :] if i % 2 else lines
+        versions.append(b"".join(cut).replace(b"Iran", b"IRAN", i // 2))
+    assert len(set(versions)) == len(versions)
+    k = 3
+    t0 = us("2020-01-02T10:00:00Z")
+    with Archive(db_url, keyframe_interval=k) as arc:
+        for i, data in enumerate(versions):
+            arc.record("big.txt", data, at=t0 + i)
+        events = arc.history("big.txt")
+    codecs, rows = _codecs(db_url), content_rows(db_url)
+    ids = [e.content_id for e in events]
+    assert [codecs[i][1] for i in ids] == [0, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2]
+    assert all(codecs[i][0] == ids[0] for i in (ids[4], ids[7], ids[10]))
+    assert max(chain_length(rows, i) for i in ids) == k
+    keyframe = len(rows[ids[0]]["data"])
+    assert all(len(rows[i]["data"]) * 20 < keyframe for i in ids[1:])
+    with reader(db_url, keyframe_interval=k) as fresh:
+        for n, data in enumerate(versions, start=1):
+            assert fresh.show("big.txt", version=n).data == data
+        assert fresh.verify() == []
+
+
+def test_a_small_page_gets_a_keyframe_when_its_chain_is_full(db_url):
+    """Below REBASE_FROM a full chain ends in a new keyframe, as before: a rebase costs a
+    coarse diff of versions far apart, and a small keyframe costs little."""
+    page = seed("002")
+    versions = [page.replace(b"Iran", b"IRAN", i) for i in range(6)]
+    with Archive(db_url, keyframe_interval=2) as arc:
+        for i, data in enumerate(versions):
+            arc.record("s.txt", data, at=us("2020-01-02T10:00:00Z") + i)
+        events = arc.history("s.txt")
+    codecs = _codecs(db_url)
+    assert [codecs[e.content_id][1] for e in events] == [0, 1, 2, 0, 1, 2]

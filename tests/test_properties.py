@@ -261,6 +261,22 @@ def test_long_texts_split_at_anchors_give_exact_dmp_deltas(old, plan):
 
 
 @settings(max_examples=300, deadline=None)
+@given(old=long_texts, plan=edits)
+def test_coarse_deltas_compressed_against_their_base_are_exact(old, plan):
+    """A coarse delta (anchors only, the rest replaced whole) is an exact dmp delta too,
+    and packed against its base it unpacks only with that base."""
+    from archive import content, delta
+
+    new = _edited(old, plan)
+    base = old.encode()
+    stored = delta.make(base, new.encode(), coarse=True)
+    assert delta.apply_chain(base, [stored]) == new.encode()
+    assert delta.apply(old, delta.to_dmp(old, stored)) == new
+    codec, blob = content.pack(stored, base)
+    assert content.unpack(codec, blob, base) == stored
+
+
+@settings(max_examples=300, deadline=None)
 @given(old=long_texts, at=st.floats(0, 1), cut=st.integers(0, 40), junk=st.binary(max_size=6))
 def test_make_refuses_new_bytes_that_are_not_utf8(old, at, cut, junk):
     """`make` takes bytes and decodes only what changed: a new version that is not UTF-8
