@@ -6,11 +6,15 @@ complete, so a reader never sees half an export and a failure leaves no partial 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import shutil
+import signal
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -139,13 +143,19 @@ def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
 def _write_dir(arc: Archive, found: list[Event], manifest: dict, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        folders = {str(staging)}
-        for ev, data in _pages(arc, found):
-            folder, _, name = f"{staging}/{ev.key}".rpartition("/")
-            if folder not in folders:
-                os.makedirs(folder, exist_ok=True)
-                folders.add(folder)
-            _write_file(f"{folder}/{name}", data, ev.effective_at * 1000)
+        helper = None
+        if len(found) >= FORK_FROM and _can_fork():
+            half = len(found) // 2
+            found, second = found[:half], found[half:]
+            helper = _Helper(arc, lambda: _write_files(arc, second, staging))
+        try:
+            _write_files(arc, found, staging)
+        except BaseException:
+            if helper is not None:
+                helper.finish(kill=True)
+            raise
+        if helper is not None:
+            helper.finish()  # raises the helper's error, if it had one
         (staging / MANIFEST).write_bytes(_manifest_bytes(manifest))
         staging.chmod(0o755)
         if target.exists():
@@ -155,6 +165,74 @@ def _write_dir(arc: Archive, found: list[Event], manifest: dict, target: Path) -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _write_files(arc: Archive, found: list[Event], staging: Path) -> None:
+    folders = {str(staging)}
+    for ev, data in _pages(arc, found):
+        folder, _, name = f"{staging}/{ev.key}".rpartition("/")
+        if folder not in folders:
+            os.makedirs(folder, exist_ok=True)  # the helper may make it at the same time
+            folders.add(folder)
+        _write_file(f"{folder}/{name}", data, ev.effective_at * 1000)
+
+
+# A folder export of this many documents or more is written by two processes, each half the
+# documents: rebuilding contents is Python and holds the GIL, and creating a file is a few
+# system calls (30 to 850 us each on these machines), so threads would wait for each other.
+# On the wide workload's 10,000 documents the export took 2.1 s in one process.
+FORK_FROM = 2000
+
+
+def _can_fork() -> bool:
+    """Only a process with one thread forks: a child of a threaded one could inherit a lock
+    that another thread held at that moment, held for ever (the command line has one)."""
+    import threading
+
+    return hasattr(os, "fork") and (os.cpu_count() or 1) > 1 and threading.active_count() == 1
+
+
+class _Helper:
+    """A forked child running `work` on `arc`; `finish` waits for it and raises what it
+    raised. The child opens connections of its own (`Store.after_fork`)."""
+
+    def __init__(self, arc: Archive, work: Callable[[], None]):
+        self.reader, writer = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns
+            code = 0
+            try:
+                os.close(self.reader)
+                arc.store.after_fork()
+                work()
+            except BaseException as error:
+                code = 1
+                with open(writer, "wb", closefd=False) as out:
+                    out.write(_pickled(error))
+            finally:
+                os._exit(code)
+        os.close(writer)
+
+    def finish(self, *, kill: bool = False) -> None:
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        with os.fdopen(self.reader, "rb") as pipe:
+            message = pipe.read()
+        _pid, status = os.waitpid(self.pid, 0)
+        if kill:
+            return
+        if message:
+            raise pickle.loads(message)
+        if status != 0:
+            raise OSError(f"the export's helper process ended with status {status}")
+
+
+def _pickled(error: BaseException) -> bytes:
+    try:
+        return pickle.dumps(error)
+    except Exception:  # an error that cannot be pickled still says what it was
+        return pickle.dumps(OSError(f"{type(error).__name__}: {error}"))
 
 
 def _replace_dir(staging: Path, target: Path) -> None:

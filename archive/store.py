@@ -245,6 +245,15 @@ class Store:
         self._local = threading.local()
         self.engine.dispose()
 
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's connections without closing them (closing
+        an inherited SQLite handle would release the parent's locks, a PostgreSQL one would
+        end its session); the child then opens its own."""
+        self._held_lock = threading.Lock()
+        self._held = []
+        self._local = threading.local()
+        self.engine.dispose(close=False)
+
     # -- transactions ----------------------------------------------------------------------
 
     @contextmanager

@@ -1199,3 +1199,83 @@ def test_a_small_page_gets_a_keyframe_when_its_chain_is_full(db_url):
         events = arc.history("s.txt")
     codecs = _codecs(db_url)
     assert [codecs[e.content_id][1] for e in events] == [0, 1, 2, 0, 1, 2]
+
+
+def _exported(root: Path) -> dict[str, tuple[bytes, int | None]]:
+    """Each exported file's bytes and time (a document's is its effective time)."""
+    return {
+        str(p.relative_to(root)): (
+            p.read_bytes(), None if p.name == "MANIFEST.json" else p.stat().st_mtime_ns
+        )
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _count_helpers(monkeypatch) -> list[int]:
+    """A list that gets a 1 each time an export forks its helper process."""
+    import archive.export
+
+    made: list[int] = []
+    forking = archive.export._Helper
+
+    class Counted(forking):
+        def __init__(self, *args):
+            made.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(archive.export, "_Helper", Counted)
+    return made
+
+
+def test_a_large_folder_export_written_by_two_processes_is_the_same(db_url, tmp_path, monkeypatch):
+    """From FORK_FROM documents a folder export forks a helper for half of them: the
+    export is byte for byte and time for time the one a single process writes, and the
+    parent's own connections still work afterwards."""
+    import archive.export
+
+    t0 = us("2020-01-02T10:00:00Z")
+    lines = seed("002").splitlines(keepends=True)
+    with Archive(db_url) as arc:
+        arc.record_many(
+            Version(f"{'ab'[i % 2]}/{i:03}.txt", b"".join(lines[i % 50 : i % 50 + 5 + v]),
+                    t0 + i * 10 + v)
+            for v in range(3)
+            for i in range(60)
+        )
+        single = arc.export(at=t0 + 10_000, out=tmp_path / "single")
+        monkeypatch.setattr(archive.export, "FORK_FROM", 2)
+        helpers = _count_helpers(monkeypatch)
+        double = arc.export(at=t0 + 10_000, out=tmp_path / "double")
+        assert helpers == [1]
+        assert arc.show("a/000.txt").data == b"".join(lines[0:7])  # the parent reads on
+        arc.record("a/000.txt", b"after", at=t0 + 20_000)  # and writes on
+    assert len(single["documents"]) == len(double["documents"]) == 60
+    assert _exported(tmp_path / "single") == _exported(tmp_path / "double")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("archive")) == [
+        "double", "single"
+    ]
+
+
+def test_a_failure_in_the_export_helper_fails_the_export_and_leaves_nothing(
+    db_url, tmp_path, monkeypatch
+):
+    """Damage that only the helper's half reads: the export fails with the helper's own
+    error, no target and no staging folder are left, and the archive is as it was."""
+    import archive.export
+
+    monkeypatch.setattr(archive.export, "FORK_FROM", 2)
+    helpers = _count_helpers(monkeypatch)
+    t0 = us("2020-01-02T10:00:00Z")
+    with Archive(db_url) as arc:
+        for i in range(6):
+            arc.record(f"d{i}.txt", seed_lines("000", 10 + i), at=t0 + i)
+        last = arc.history("d5.txt")[0]
+    raw = raw_rows(db_url, f"SELECT data FROM contents WHERE id = {last.content_id}")
+    _flip_a_byte(db_url, last.content_id, bytes(raw[0][0]))
+    with Archive(db_url) as arc:
+        with pytest.raises(Damaged, match=f"content {last.content_id}"):
+            arc.export(at=t0 + 100, out=tmp_path / "out")
+        assert arc.show("d0.txt").data == seed_lines("000", 10)
+    assert helpers == [1]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("archive")] == []
