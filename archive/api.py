@@ -967,8 +967,9 @@ class _BatchWriter:
     ) -> _ContentState:
         row: dict[str, Any] | None = None
         text: bool | None = None  # unknown until it matters
-        # A full chain ends in a keyframe, always: other bases are tried only when the
-        # chain has room (else older bases would keep long chains from ever ending).
+        # A full chain ends in a keyframe, or for a large page in a delta on the chain's own
+        # keyframe (`_rebased`): other bases are tried only when the chain has room (else
+        # older bases would keep long chains from ever ending).
         if len(data) <= content.DELTA_UP_TO and base_id is not None:
             try:
                 if self._has_room(base_id):

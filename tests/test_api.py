@@ -1201,13 +1201,22 @@ def test_a_small_page_gets_a_keyframe_when_its_chain_is_full(db_url):
     assert [codecs[e.content_id][1] for e in events] == [0, 1, 2, 0, 1, 2]
 
 
-def _exported(root: Path) -> dict[str, tuple[bytes, int | None]]:
-    """Each exported file's bytes and time (a document's is its effective time)."""
+def _exported(out: Path) -> dict[str, tuple[bytes, int | None]]:
+    """Each exported file's bytes and time (a document's is its effective time), from a
+    folder or a tar, in order."""
+    if out.is_file():
+        import tarfile
+
+        with tarfile.open(out) as tar:
+            return {
+                m.name: (tar.extractfile(m).read(), None if m.name == "MANIFEST.json" else m.mtime)
+                for m in tar.getmembers()
+            }
     return {
-        str(p.relative_to(root)): (
+        str(p.relative_to(out)): (
             p.read_bytes(), None if p.name == "MANIFEST.json" else p.stat().st_mtime_ns
         )
-        for p in sorted(root.rglob("*"))
+        for p in sorted(out.rglob("*"))
         if p.is_file()
     }
 
@@ -1228,10 +1237,11 @@ def _count_helpers(monkeypatch) -> list[int]:
     return made
 
 
-def test_a_large_folder_export_written_by_two_processes_is_the_same(db_url, tmp_path, monkeypatch):
-    """From FORK_FROM documents a folder export forks a helper for half of them: the
-    export is byte for byte and time for time the one a single process writes, and the
-    parent's own connections still work afterwards."""
+@pytest.mark.parametrize("fmt", ["dir", "tar"])
+def test_a_large_export_written_by_two_processes_is_the_same(db_url, tmp_path, monkeypatch, fmt):
+    """From FORK_FROM documents an export forks a helper for half of them: the export is
+    byte for byte and time for time the one a single process writes (a tar's members in the
+    same order), and the parent's own connections still work afterwards."""
     import archive.export
 
     t0 = us("2020-01-02T10:00:00Z")
@@ -1243,22 +1253,26 @@ def test_a_large_folder_export_written_by_two_processes_is_the_same(db_url, tmp_
             for v in range(3)
             for i in range(60)
         )
-        single = arc.export(at=t0 + 10_000, out=tmp_path / "single")
+        single = arc.export(at=t0 + 10_000, out=tmp_path / "single", format=fmt)
         monkeypatch.setattr(archive.export, "FORK_FROM", 2)
         helpers = _count_helpers(monkeypatch)
-        double = arc.export(at=t0 + 10_000, out=tmp_path / "double")
+        double = arc.export(at=t0 + 10_000, out=tmp_path / "double", format=fmt)
         assert helpers == [1]
         assert arc.show("a/000.txt").data == b"".join(lines[0:7])  # the parent reads on
         arc.record("a/000.txt", b"after", at=t0 + 20_000)  # and writes on
     assert len(single["documents"]) == len(double["documents"]) == 60
-    assert _exported(tmp_path / "single") == _exported(tmp_path / "double")
+    assert list(_exported(tmp_path / "single").items()) == list(
+        _exported(tmp_path / "double").items()
+    )
+    assert len(_exported(tmp_path / "double")) == 61
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("archive")) == [
         "double", "single"
     ]
 
 
+@pytest.mark.parametrize("fmt", ["dir", "tar"])
 def test_a_failure_in_the_export_helper_fails_the_export_and_leaves_nothing(
-    db_url, tmp_path, monkeypatch
+    db_url, tmp_path, monkeypatch, fmt
 ):
     """Damage that only the helper's half reads: the export fails with the helper's own
     error, no target and no staging folder are left, and the archive is as it was."""
@@ -1275,7 +1289,7 @@ def test_a_failure_in_the_export_helper_fails_the_export_and_leaves_nothing(
     _flip_a_byte(db_url, last.content_id, bytes(raw[0][0]))
     with Archive(db_url) as arc:
         with pytest.raises(Damaged, match=f"content {last.content_id}"):
-            arc.export(at=t0 + 100, out=tmp_path / "out")
+            arc.export(at=t0 + 100, out=tmp_path / "out", format=fmt)
         assert arc.show("d0.txt").data == seed_lines("000", 10)
     assert helpers == [1]
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("archive")] == []
