@@ -994,15 +994,17 @@ class _BatchWriter:
         self.fresh[state.id] = (data, text)
         return state
 
-    def _delta_row(self, data: bytes, base_id: int) -> dict[str, Any] | None:
+    def _delta_row(
+        self, data: bytes, base_id: int, *, coarse: bool = False
+    ) -> dict[str, Any] | None:
         """A delta against the base if the chain has room, the base is text and the delta is
-        smaller. Raises UnicodeDecodeError if `data` is not text."""
+        smaller (coarse: see `delta.make`). Raises UnicodeDecodeError if `data` is not text."""
         if not self._has_room(base_id):
             return None
         base_data = self._bytes(base_id)
         if not self._is_text(base_id, base_data):
             return None
-        payload = delta.make(base_data, data)
+        payload = delta.make(base_data, data, coarse=coarse)
         codec, blob = content.pack(payload, base_data)
         # Text seldom compresses below a third: the full copy is compressed for comparison only
         # when the delta is at least that large (a rare miss costs bytes, never exactness).
@@ -1077,7 +1079,7 @@ class _BatchWriter:
         distance, closest = min(ranked)
         if distance * 2 > _missing(lines, self._lines_of(tried)):
             return best
-        row = self._delta_row(data, closest)
+        row = self._delta_row(data, closest, coarse=len(data) >= REBASE_FROM)
         if row is not None and (best is None or len(row["data"]) < len(best["data"])):
             return row
         return best
