@@ -146,8 +146,9 @@ def _write_dir(arc: Archive, found: list[Event], manifest: dict, target: Path) -
         helper = None
         if len(found) >= FORK_FROM and _can_fork():
             half = len(found) // 2
-            found, second = found[:half], found[half:]
-            helper = _Helper(arc, lambda: _write_files(arc, second, staging))
+            helper = _Helper.start(arc, lambda rest=found[half:]: _write_files(arc, rest, staging))
+            if helper is not None:
+                found = found[:half]
         try:
             _write_files(arc, found, staging)
         except BaseException:
@@ -196,9 +197,23 @@ class _Helper:
     """A forked child running `work` on `arc`; `finish` waits for it and raises what it
     raised. The child opens connections of its own (`Store.after_fork`)."""
 
+    @classmethod
+    def start(cls, arc: Archive, work: Callable[[], None]) -> _Helper | None:
+        """The helper, or None where the system refuses a process (the caller then does
+        all the work itself)."""
+        try:
+            return cls(arc, work)
+        except OSError:
+            return None
+
     def __init__(self, arc: Archive, work: Callable[[], None]):
         self.reader, writer = os.pipe()
-        self.pid = os.fork()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            os.close(self.reader)
+            os.close(writer)
+            raise
         if self.pid == 0:  # the child: never returns
             code = 0
             try:
@@ -276,13 +291,16 @@ def _write_tar(arc: Archive, found: list[Event], manifest: dict, target: Path) -
     part: str | None = None
     helper = None
     try:
-        if len(found) >= FORK_FROM and _can_fork():
-            half = len(found) // 2
-            found, second = found[:half], found[half:]
-            part_fd, part = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-            os.close(part_fd)
-            helper = _Helper(arc, lambda: _write_part(arc, second, part))
         with os.fdopen(fd, "wb") as raw:
+            if len(found) >= FORK_FROM and _can_fork():
+                half = len(found) // 2
+                part_fd, part = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+                os.close(part_fd)
+                helper = _Helper.start(
+                    arc, lambda rest=found[half:], to=part: _write_part(arc, rest, to)
+                )
+                if helper is not None:
+                    found = found[:half]
             try:
                 written = _members(arc, found, raw)
             except BaseException:

@@ -1293,3 +1293,26 @@ def test_a_failure_in_the_export_helper_fails_the_export_and_leaves_nothing(
         assert arc.show("d0.txt").data == seed_lines("000", 10)
     assert helpers == [1]
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("archive")] == []
+
+
+@pytest.mark.parametrize("fmt", ["dir", "tar"])
+def test_an_export_whose_helper_cannot_start_is_written_alone(db_url, tmp_path, monkeypatch, fmt):
+    """Where the system refuses a new process, the export is written by this one, whole."""
+    import os
+
+    import archive.export
+
+    def refused():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(archive.export, "FORK_FROM", 2)
+    monkeypatch.setattr(os, "fork", refused)
+    t0 = us("2020-01-02T10:00:00Z")
+    with Archive(db_url) as arc:
+        for i in range(6):
+            arc.record(f"d{i}.txt", seed_lines("000", 10 + i), at=t0 + i)
+        arc.export(at=t0 + 100, out=tmp_path / "out", format=fmt)
+    exported = _exported(tmp_path / "out")
+    assert sorted(exported) == ["MANIFEST.json"] + [f"d{i}.txt" for i in range(6)]
+    assert exported["d5.txt"][0] == seed_lines("000", 15)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("archive")] == ["out"]
