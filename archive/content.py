@@ -18,7 +18,7 @@ ZSTD = 2
 # A delta's payload compressed by zstd with its base's bytes as a raw-content dictionary: the
 # inserted text of a rewrite is mostly text moved or copied from the base (diff-match-patch
 # can only delete and insert), and zstd then stores it as references into the base. On the
-# real history this made the deltas over 4 KB 30 % smaller.
+# real history this took 78 KB off its 463 KB of deltas.
 ZSTD_BASE = 3
 
 _LEVEL = 9
