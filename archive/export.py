@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from . import timeparse
 from .errors import BadInput
@@ -24,6 +24,8 @@ from .errors import BadInput
 if TYPE_CHECKING:
     from .api import Archive, TimeLike
     from .events import Event
+
+T = TypeVar("T")
 
 MANIFEST = "MANIFEST.json"
 PAGE = 500  # documents rebuilt per read: bounded memory for big corpora
@@ -143,20 +145,7 @@ def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
 def _write_dir(arc: Archive, found: list[Event], manifest: dict, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        helper = None
-        if len(found) >= FORK_FROM and _can_fork():
-            half = len(found) // 2
-            helper = _Helper.start(arc, lambda rest=found[half:]: _write_files(arc, rest, staging))
-            if helper is not None:
-                found = found[:half]
-        try:
-            _write_files(arc, found, staging)
-        except BaseException:
-            if helper is not None:
-                helper.finish(kill=True)
-            raise
-        if helper is not None:
-            helper.finish()  # raises the helper's error, if it had one
+        _halved(arc, found, here=lambda docs: _write_files(arc, docs, staging))
         (staging / MANIFEST).write_bytes(_manifest_bytes(manifest))
         staging.chmod(0o755)
         if target.exists():
@@ -183,6 +172,35 @@ def _write_files(arc: Archive, found: list[Event], staging: Path) -> None:
 # system calls (30 to 850 us each on these machines), so threads would wait for each other.
 # On the wide workload's 10,000 documents the export took 2.1 s in one process.
 FORK_FROM = 2000
+
+
+def _halved(
+    arc: Archive,
+    found: list[Event],
+    *,
+    here: Callable[[list[Event]], T],
+    there: Callable[[list[Event]], object] | None = None,
+) -> tuple[T, bool]:
+    """`here` on the documents, or from FORK_FROM of them `here` on the first half and
+    `there` (default: `here`) on the second in a helper process, both at once; `here`'s
+    result, and whether the work was shared. An error of either side is raised, after the
+    helper has ended."""
+    there = there or here
+    helper = None
+    if len(found) >= FORK_FROM and _can_fork():
+        half = len(found) // 2
+        helper = _Helper.start(arc, lambda rest=found[half:]: there(rest))
+        if helper is not None:
+            found = found[:half]
+    try:
+        result = here(found)
+    except BaseException:
+        if helper is not None:
+            helper.finish(kill=True)
+        raise
+    if helper is not None:
+        helper.finish()  # raises the helper's error, if it had one
+    return result, helper is not None
 
 
 def _can_fork() -> bool:
@@ -289,26 +307,18 @@ def _write_tar(arc: Archive, found: list[Event], manifest: dict, target: Path) -
     its own, appended once the first half is written."""
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     part: str | None = None
-    helper = None
     try:
         with os.fdopen(fd, "wb") as raw:
-            if len(found) >= FORK_FROM and _can_fork():
-                half = len(found) // 2
+            if len(found) >= FORK_FROM:  # where a helper would write its members
                 part_fd, part = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
                 os.close(part_fd)
-                helper = _Helper.start(
-                    arc, lambda rest=found[half:], to=part: _write_part(arc, rest, to)
-                )
-                if helper is not None:
-                    found = found[:half]
-            try:
-                written = _members(arc, found, raw)
-            except BaseException:
-                if helper is not None:
-                    helper.finish(kill=True)
-                raise
-            if helper is not None:
-                helper.finish()  # raises the helper's error, if it had one
+            written, halved = _halved(
+                arc,
+                found,
+                here=lambda docs: _members(arc, docs, raw),
+                there=lambda docs: _write_part(arc, docs, part),
+            )
+            if halved:
                 with open(part, "rb") as rest:
                     shutil.copyfileobj(rest, raw, 1 << 20)
                     written += rest.tell()
