@@ -856,6 +856,7 @@ class _BatchWriter:
         self.fresh: dict[int, tuple[bytes, bool | None]] = {}
         self.bases: dict[int, bytes] = {}  # read ahead by _load_bases
         self.line_sets: dict[bytes, set[bytes]] = {}  # by SHA-256, see _lines
+        self._full: tuple[bytes, tuple[int, bytes]] | None = None  # see _full_copy
         self._prefetch()
         results = [self._one(v, h) for v, h in zip(self.batch, self.hashes, strict=True)]
         self._flush()
@@ -981,10 +982,11 @@ class _BatchWriter:
             except UnicodeDecodeError:  # not text: stored whole, and never a base
                 row, text = None, False
         if row is None:
-            codec, blob = content.pack(data)
+            codec, blob = self._full_copy(data)
             row = {"base_id": None, "depth": 0, "codec": codec, "data": blob}
         else:
             text = True  # a delta is only ever made to a text
+        self._full = None  # the full copy is not kept past its content
         state = _ContentState(self.next_content, sha, len(data), row["depth"], row["base_id"])
         self.next_content += 1
         row.update(id=state.id, sha256=sha, size=len(data))
@@ -1008,7 +1010,7 @@ class _BatchWriter:
         codec, blob = content.pack(payload, base_data)
         # Text seldom compresses below a third: the full copy is compressed for comparison only
         # when the delta is at least that large (a rare miss costs bytes, never exactness).
-        if len(blob) * 3 >= len(data) and len(blob) >= len(content.pack(data)[1]):
+        if len(blob) * 3 >= len(data) and len(blob) >= len(self._full_copy(data)[1]):
             return None
         depth = self._content_by_id(base_id).depth + 1
         return {"base_id": base_id, "depth": depth, "codec": codec, "data": blob}
@@ -1034,9 +1036,16 @@ class _BatchWriter:
         if not self._is_text(root.id, root_data):
             return None
         codec, blob = content.pack(delta.make(root_data, data, coarse=True), root_data)
-        if len(blob) * 2 >= len(content.pack(data)[1]):
+        if len(blob) * 2 >= len(self._full_copy(data)[1]):
             return None
         return {"base_id": root.id, "depth": 1, "codec": codec, "data": blob}
+
+    def _full_copy(self, data: bytes) -> tuple[int, bytes]:
+        """The content being written, compressed whole: once, whether it is only compared
+        with a delta or then stored as the keyframe (a 283 KB page took milliseconds)."""
+        if self._full is None or self._full[0] is not data:
+            self._full = (data, content.pack(data))
+        return self._full[1]
 
     def _has_room(self, base_id: int) -> bool:
         """Whether a delta on this base keeps its chain within keyframe_interval deltas."""
