@@ -49,7 +49,8 @@ def absent(path: str | os.PathLike) -> bool:
 class OwnFiles:
     """The archive's own database files, recognised under any path that leads to them: a
     folder reached through a symlink, or a symlink to one of them. A path is resolved only
-    when its name is one of theirs or it is a symlink, so asking about every file is cheap."""
+    when its name is one of theirs or it is a symlink, so asking about every file is cheap.
+    A hard link has a name of its own: `same_file` recognises it by its stat."""
 
     def __init__(self, paths: Iterable[str | os.PathLike]):
         self._real = {os.path.realpath(p) for p in paths}
@@ -62,6 +63,31 @@ class OwnFiles:
         if os.path.basename(path) not in self._names and not os.path.islink(path):
             return False
         return os.path.realpath(path) in self._real
+
+    def same_file(self, st: os.stat_result) -> bool:
+        """Whether a file, by its stat, is one of them under another name (a hard link).
+        Only a file with more than one link can be, so most files cost no system call; the
+        database files are looked at each time (a -wal file comes and goes)."""
+        if st.st_nlink < 2:
+            return False
+        for path in self._real:
+            try:
+                own = os.stat(path)
+            except OSError:
+                continue
+            if (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino):
+                return True
+        return False
+
+    def regular(self, path: str | os.PathLike) -> bool:
+        """A regular file (following symlinks) that is not one of them by any name."""
+        if path in self:
+            return False
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return False
+        return stat.S_ISREG(st.st_mode) and not self.same_file(st)
 
 
 def walk(paths: Iterable[str | os.PathLike], skip: OwnFiles) -> Iterator[Path]:
@@ -81,10 +107,10 @@ def walk(paths: Iterable[str | os.PathLike], skip: OwnFiles) -> Iterator[Path]:
                 subdirs.sort()
                 for name in sorted(names):
                     candidate = Path(folder, name)
-                    if candidate not in skip and candidate.is_file():
+                    if skip.regular(candidate):
                         yield candidate
         elif path.is_file():
-            if path not in skip:
+            if skip.regular(path):
                 yield path
         elif path.exists():
             raise BadInput(f"{os.fsdecode(given)!r} is not a regular file or folder")

@@ -203,23 +203,23 @@ class Rules:
         if any(p.startswith(".") for p in parts) or _DEFAULT_IGNORED.match(parts[-1]):
             return None
         if not path.startswith(self._root_prefix):
-            return self._refuse(path, f"{path!r} is outside the root {self.root!r}")
+            return self.refuse(path, f"{path!r} is outside the root {self.root!r}")
         relative = path[len(self._root_prefix) :]
         try:
             relative.encode("utf-8")
             key = check_key(relative.replace(os.sep, "/"))
         except UnicodeEncodeError:
             shown = os.fsencode(relative)
-            return self._refuse(path, f"file name {shown!r} is not valid UTF-8; rename it")
+            return self.refuse(path, f"file name {shown!r} is not valid UTF-8; rename it")
         except BadInput as error:
-            return self._refuse(path, str(error))
+            return self.refuse(path, str(error))
         if self._user_ignored is not None and (
             any(self._user_ignored.match(p) for p in parts) or self._user_ignored.match(key)
         ):
             return None
         return key
 
-    def _refuse(self, path: str, why: str) -> None:
+    def refuse(self, path: str, why: str) -> None:
         if path not in self._warned:
             self._warned.add(path)
             log.warning("skipping %s", why)
@@ -745,6 +745,9 @@ class Watcher:
             st = os.stat(path)
             if not stat.S_ISREG(st.st_mode):
                 return GONE  # a folder or a FIFO now: no longer a document, as for ingest
+            if self.rules.database_files.same_file(st):  # a hard link to the database
+                self.rules.refuse(path, f"{path}: a hard link to the archive's own database")
+                return SKIP
             if not force:
                 age = time.time() - st.st_mtime_ns / 1e9
                 if 0 <= age < self.debounce:  # written recently: wait (future mtimes do not)

@@ -1147,6 +1147,22 @@ def test_the_archive_never_records_its_own_files_through_a_symlinked_folder(tmp_
         assert [ev.key for ev in arc.log()] == ["doc.txt"]
 
 
+def test_ingest_and_watch_never_record_a_hard_link_to_the_database(tmp_path):
+    """A hard link to the database in the folder is the archive's own file by another name:
+    neither ingest nor watch --once records it, and the other files are recorded."""
+    folder = tmp_path / "folder"
+    write(folder / "doc.txt", b"a\n")
+    db = str(tmp_path / "arch.db")
+    ok(run_cli("init", db=db, cwd=tmp_path))
+    os.link(db, folder / "copy.db")
+    out = ok(run_cli("ingest", "folder", "--root", "folder", db=db, cwd=tmp_path))
+    assert ingest_lines(out) == {"doc.txt": "created"}
+    write(folder / "doc.txt", b"b\n")
+    ok(run_cli("watch", "folder", "--once", db=db, cwd=tmp_path))
+    with Archive(db) as arc:
+        assert [ev.key for ev in arc.log()] == ["doc.txt", "doc.txt"]
+
+
 def test_a_folder_that_cannot_be_listed_is_an_error_not_a_deletion(tmp_path):
     """A folder ingest cannot list (here: a path longer than the system allows) refuses the
     whole ingest in one line, exit 2, and with --deletions records nothing as deleted."""

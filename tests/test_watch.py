@@ -654,6 +654,30 @@ def test_polling_ignores_and_own_database(tmp_path, daemons):
     arc.close()
 
 
+def test_a_hard_link_to_the_database_is_never_recorded(tmp_path, daemons):
+    """A hard link to the archive's database inside the watched folder has a name of its
+    own, and changes with every commit: recorded, each commit would make a new version of
+    it. The daemon recognises it by its inode, says so once, and records the rest."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    db_path = tmp_path / "arch.db"
+    with Archive(str(db_path)) as arc:
+        arc.init()
+    os.link(db_path, docs / "copy.db")
+    daemon = daemons(str(db_path), docs, "--debounce", DEBOUNCE).ready()
+    arc = Archive(str(db_path))
+    expected = {}
+    for n in range(3):
+        (docs / f"doc{n}.txt").write_bytes(b"version %d\n" % n)
+        expected[f"doc{n}.txt"] = b"version %d\n" % n
+        wait_for(lambda: archive_state(arc) == expected, f"doc{n}.txt", logs=[daemon])
+    assert daemon.stop() == 0
+    assert archive_state(arc) == expected
+    assert [ev.key for ev in arc.log() if ev.key == "copy.db"] == []
+    assert daemon.log().count("a hard link to the archive's own database") == 1
+    arc.close()
+
+
 def test_rescan_finds_what_notifications_missed(tmp_path, daemons):
     """A write through a hard link outside the folder raises no notification in it; the
     periodic rescan notices the file's stat changed and records it."""
