@@ -112,19 +112,23 @@ def _answer(reader: Reader, requests: list[tuple[str, int | None]], sink: Binary
         elif snap is not None:
             held += len(snap.data)
         found[request] = snap
+    out: list[bytes] = []  # written together: one call per group, not three per answer
     for key, at in requests:
         snap = found[(key, at)]
         if snap is _AGAIN:
+            sink.writelines(out)
+            out.clear()
             snap = reader.at(key, at)
         elif isinstance(snap, ArchiveError):
+            sink.writelines(out)
             sink.flush()
             raise snap
         if snap is None:
-            sink.write(f"{key} missing\n".encode())
+            out.append(f"{key} missing\n".encode())
         else:
-            sink.write(f"{snap.event.sha256.hex()} {len(snap.data)} {key}\n".encode())
-            sink.write(snap.data)
-            sink.write(b"\n")
+            header = f"{snap.event.sha256.hex()} {len(snap.data)} {key}\n"
+            out += (header.encode(), snap.data, b"\n")
+    sink.writelines(out)
     return len(requests)
 
 

@@ -575,6 +575,36 @@ def test_show_batch_answers_every_line_like_show(db_url, lib, tmp_path):
     assert "line 1" in one_line(fails(bad, 2))
 
 
+def test_show_batch_past_its_held_bytes_answers_the_same(lib, monkeypatch):
+    """Past HELD bytes of answers held between resolving a group and writing it, an answer
+    is read again when its turn comes: the output is the same bytes, in the same order."""
+    import io
+
+    from archive import batch
+
+    t0 = datetime(2020, 1, 2, 10, tzinfo=UTC)
+    text = seed("001")
+    for n in range(6):
+        lib.record("a.txt", text[: 400 * (n + 1)], at=t0 + timedelta(hours=n))
+    lib.record("b.txt", text[:300], at=t0)
+    requests = [("a.txt", n * 50) for n in range(8, 0, -1)] + [("b.txt", 0), ("none.txt", 0)]
+    lines = b"".join(
+        f"{k}\t{(t0 + timedelta(minutes=m)).isoformat()}\n".encode() for k, m in requests
+    )
+
+    def served() -> bytes:
+        sink = io.BytesIO()
+        assert batch.serve(lib, io.BytesIO(lines), sink, known_at=None) == len(requests)
+        return sink.getvalue()
+
+    whole = served()
+    monkeypatch.setattr(batch, "HELD", 1000)  # room for two of the answers at most
+    assert served() == whole
+    answers = _batch_answers(whole)
+    assert [a[0] for a in answers] == [k for k, _ in requests]
+    assert answers[-1][1] == "missing"
+
+
 def test_show_batch_as_a_co_process_answers_each_line_before_the_next(db_url, lib, tmp_path):
     """A script that writes one line and waits for its answer gets it at once (no deadlock),
     line after line; lines before a bad one are answered before the error ends the run."""
