@@ -303,25 +303,25 @@ def _write_tar(arc: Archive, found: list[Event], manifest: dict, target: Path) -
     """The same bytes as tarfile's PAX format writes (tested), member by member: tarfile's
     TarFile copies each TarInfo, streams the data through a file object and keeps every
     member; with its pure-Python headers that was a quarter of a 10,000-document export.
-    From FORK_FROM documents a helper writes the members of the second half into a file of
-    its own, appended once the first half is written."""
+    From FORK_FROM documents a helper writes the members of the second half into the same
+    file, from where the first half's end: a member's size follows from its event (name,
+    size, time), so the place is known before any content is read."""
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    part: str | None = None
     try:
         with os.fdopen(fd, "wb") as raw:
-            if len(found) >= FORK_FROM:  # where a helper would write its members
-                part_fd, part = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-                os.close(part_fd)
-            written, halved = _halved(
+            (written, mine), halved = _halved(
                 arc,
                 found,
-                here=lambda docs: _members(arc, docs, raw),
-                there=lambda docs: _write_part(arc, docs, part),
+                here=lambda docs: (_members(arc, docs, raw), len(docs)),
+                there=lambda docs: _write_from(arc, docs, name, _size(found[: -len(docs)])),
             )
             if halved:
-                with open(part, "rb") as rest:
-                    shutil.copyfileobj(rest, raw, 1 << 20)
-                    written += rest.tell()
+                total = _size(found)
+                raw.flush()
+                if written != _size(found[:mine]) or os.fstat(raw.fileno()).st_size != total:
+                    raise OSError(f"the export's two halves do not meet in {name}")
+                written = total
+                raw.seek(written)
             now = int(timeparse.now_us() // 1_000_000)
             written += _member(raw, MANIFEST, _manifest_bytes(manifest), now)
             end = 2 * tarfile.BLOCKSIZE  # two zero blocks, then zeros to a whole record
@@ -334,9 +334,6 @@ def _write_tar(arc: Archive, found: list[Event], manifest: dict, target: Path) -
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
-    finally:
-        if part is not None:
-            Path(part).unlink(missing_ok=True)
 
 
 def _members(arc: Archive, found: list[Event], raw: BinaryIO) -> int:
@@ -346,18 +343,27 @@ def _members(arc: Archive, found: list[Event], raw: BinaryIO) -> int:
     return written
 
 
-def _write_part(arc: Archive, found: list[Event], part: str) -> None:
-    with open(part, "wb") as raw:
+def _write_from(arc: Archive, found: list[Event], name: str, offset: int) -> None:
+    """The helper's members, written into the export's file from `offset` on."""
+    with open(name, "r+b") as raw:
+        raw.seek(offset)
         _members(arc, found, raw)
+
+
+def _size(found: list[Event]) -> int:
+    """The bytes the members of these documents take, headers and padding included."""
+    total = 0
+    for ev in found:
+        mtime = ev.effective_at // 1_000_000
+        fits = _ustar_fits(ev.key, ev.size, mtime)
+        header = tarfile.BLOCKSIZE if fits else len(_header(ev.key, ev.size, mtime))
+        total += header + ev.size + -ev.size % tarfile.BLOCKSIZE
+    return total
 
 
 def _member(raw: BinaryIO, name: str, data: bytes, mtime: int) -> int:
     """Write one regular file (mode 0644) into a tar stream; returns the bytes written."""
-    header = _ustar_header(name, len(data), mtime)
-    if header is None:  # a name or number that needs a pax extended header
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), 0o644, mtime
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    header = _header(name, len(data), mtime)
     raw.write(header)
     raw.write(data)
     padding = -len(data) % tarfile.BLOCKSIZE
@@ -371,10 +377,25 @@ _USTAR_IDS = b"0000644\x000000000\x000000000\x00"  # mode 0644, uid 0, gid 0
 _USTAR_REST = b" " * 8 + b"0" + bytes(100) + tarfile.POSIX_MAGIC + bytes(32 + 32 + 8 + 8 + 155 + 12)
 
 
+def _header(name: str, size: int, mtime: int) -> bytes:
+    """A regular file's header: one ustar block, or a pax extended header and then the
+    block, for a name or number that ustar cannot hold."""
+    header = _ustar_header(name, size, mtime)
+    if header is None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o644, mtime
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return header
+
+
+def _ustar_fits(name: str, size: int, mtime: int) -> bool:
+    return len(name) <= 100 and name.isascii() and 0 <= size < 8**11 and 0 <= mtime < 8**11
+
+
 def _ustar_header(name: str, size: int, mtime: int) -> bytes | None:
     """The header block tarfile's PAX format writes for a regular file whose name is ASCII
     and fits, or None (then tarfile's own TarInfo.tobuf writes it)."""
-    if len(name) > 100 or not name.isascii() or not 0 <= size < 8**11 or not 0 <= mtime < 8**11:
+    if not _ustar_fits(name, size, mtime):
         return None
     block = b"%s%s%011o\x00%011o\x00%s" % (
         name.encode("ascii").ljust(100, b"\x00"), _USTAR_IDS, size, mtime, _USTAR_REST
