@@ -349,7 +349,7 @@ def _rebuild(content_id: int, rows: dict[int, Any], cache: ContentCache) -> byte
     passed = []
     try:
         for steps, row in enumerate(chain, start=1):
-            data = delta.apply_chain(data, [cache.payload(row, data)])
+            data = delta.apply_stored(data, cache.payload(row, data))
             if steps % PASSED_EVERY == 0 and steps < len(chain):  # the top is kept below
                 passed.append((row[_ID], data))
     except (ValueError, UnicodeDecodeError, zlib.error):
@@ -380,7 +380,7 @@ def _rebuild_stepwise(base: bytes, chain: list[Any], cache: ContentCache) -> byt
     """Each delta applied and checked on its own: raises Damaged naming the first bad one."""
     for row in chain:
         try:
-            base = delta.apply_chain(base, [cache.payload(row, base)])
+            base = delta.apply_stored(base, cache.payload(row, base))
         except (ValueError, UnicodeDecodeError, zlib.error) as error:
             raise Damaged(f"content {row[_ID]}: delta does not apply: {error}") from None
         _check(row, base)
