@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from . import timeparse
-from .errors import BadInput
+from .errors import BadInput, Damaged, StorageError
 
 if TYPE_CHECKING:
     from .api import Archive, TimeLike
@@ -124,11 +124,19 @@ def _check_keys(keys: list[str], check_key) -> None:
 
 
 def _pages(arc: Archive, found: list[Event]):
+    """Each document's verified bytes, of the size its event (and so the manifest, and a
+    tar's layout) says: an event whose size is not its content's is damage."""
     for start in range(0, len(found), PAGE):
         page = found[start : start + PAGE]
         data = arc.read_contents([ev.content_id for ev in page])
         for ev in page:
-            yield ev, data[ev.content_id]
+            content = data[ev.content_id]
+            if len(content) != ev.size:
+                raise Damaged(
+                    f"event {ev.position} ({ev.key}) says {ev.size} bytes, its content has "
+                    f"{len(content)}: run archive verify"
+                )
+            yield ev, content
 
 
 def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
@@ -304,7 +312,7 @@ def _write_tar(arc: Archive, found: list[Event], manifest: dict, target: Path) -
     TarFile copies each TarInfo, streams the data through a file object and keeps every
     member; with its pure-Python headers that was a quarter of a 10,000-document export.
     From FORK_FROM documents a helper writes the members of the second half into the same
-    file, from where the first half's end: a member's size follows from its event (name,
+    file, from where the first half ends: a member's size follows from its event (name,
     size, time), so the place is known before any content is read."""
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
@@ -313,13 +321,15 @@ def _write_tar(arc: Archive, found: list[Event], manifest: dict, target: Path) -
                 arc,
                 found,
                 here=lambda docs: (_members(arc, docs, raw), len(docs)),
-                there=lambda docs: _write_from(arc, docs, name, _size(found[: -len(docs)])),
+                there=lambda docs: _write_from(
+                    arc, docs, name, _size(found[: len(found) - len(docs)])
+                ),
             )
             if halved:
                 total = _size(found)
                 raw.flush()
                 if written != _size(found[:mine]) or os.fstat(raw.fileno()).st_size != total:
-                    raise OSError(f"the export's two halves do not meet in {name}")
+                    raise StorageError("the two halves of the tar export do not meet")
                 written = total
                 raw.seek(written)
             now = int(timeparse.now_us() // 1_000_000)

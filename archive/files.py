@@ -6,9 +6,11 @@ UTF-8 are refused rather than mangled, and the archive's own database files are 
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +57,7 @@ class OwnFiles:
     def __init__(self, paths: Iterable[str | os.PathLike]):
         self._real = {os.path.realpath(p) for p in paths}
         self._names = {os.path.basename(p) for p in self._real}
+        self._devs: set[int] | None = None  # the file systems they are on, once asked
 
     def __contains__(self, path: object) -> bool:
         if not isinstance(path, str | os.PathLike):
@@ -66,9 +69,10 @@ class OwnFiles:
 
     def same_file(self, st: os.stat_result) -> bool:
         """Whether a file, by its stat, is one of them under another name (a hard link).
-        Only a file with more than one link can be, so most files cost no system call; the
-        database files are looked at each time (a -wal file comes and goes)."""
-        if st.st_nlink < 2:
+        Only a file with more than one link, on the database's file system, can be, so most
+        files cost no system call; the database files are looked at each time (a -wal file
+        comes and goes)."""
+        if st.st_nlink < 2 or st.st_dev not in self._devices():
             return False
         for path in self._real:
             try:
@@ -79,13 +83,28 @@ class OwnFiles:
                 return True
         return False
 
+    def _devices(self) -> set[int]:
+        if self._devs is None:
+            found = set()
+            for path in self._real:
+                with suppress(OSError):
+                    found.add(os.stat(os.path.dirname(path)).st_dev)
+            self._devs = found
+        return self._devs
+
     def regular(self, path: str | os.PathLike) -> bool:
-        """A regular file (following symlinks) that is not one of them by any name."""
+        """A regular file (following symlinks) that is not one of them by any name. Errors
+        are those of `Path.is_file`: a missing file or a symlink loop is no file, and any
+        other (a name too long, a folder that may be listed but not entered) is raised."""
         if path in self:
             return False
         try:
             st = os.stat(path)
-        except (OSError, ValueError):
+        except OSError as error:
+            if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+                return False
+            raise
+        except ValueError:  # a NUL in the name
             return False
         return stat.S_ISREG(st.st_mode) and not self.same_file(st)
 

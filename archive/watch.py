@@ -745,9 +745,6 @@ class Watcher:
             st = os.stat(path)
             if not stat.S_ISREG(st.st_mode):
                 return GONE  # a folder or a FIFO now: no longer a document, as for ingest
-            if self.rules.database_files.same_file(st):  # a hard link to the database
-                self.rules.refuse(path, f"{path}: a hard link to the archive's own database")
-                return SKIP
             if not force:
                 age = time.time() - st.st_mtime_ns / 1e9
                 if 0 <= age < self.debounce:  # written recently: wait (future mtimes do not)
@@ -758,6 +755,9 @@ class Watcher:
                 before = os.fstat(fd)
                 if not stat.S_ISREG(before.st_mode):
                     return GONE
+                if self.rules.database_files.same_file(before):  # what was opened, by inode
+                    self.rules.refuse(path, f"{path}: a hard link to the archive's own database")
+                    return SKIP
                 data = handle.read()
                 after = os.fstat(fd)
         except (FileNotFoundError, NotADirectoryError):

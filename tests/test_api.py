@@ -556,8 +556,8 @@ def _two_keyframes(arc):
 
 def test_keyframes_are_zstd_small_payloads_zlib_or_raw_and_all_replay(db_url):
     """Each stored blob's codec follows from its payload's size (zstd above ZSTD_FROM, zlib
-    below where it shrinks, raw where nothing does), and a zstd frame with a flipped byte is
-    reported as damage, never returned."""
+    above ZLIB_FROM where it shrinks, raw up to ZLIB_FROM or where nothing shrinks it), and
+    a zstd frame with a flipped byte is reported as damage, never returned."""
     from archive import content
 
     text = seed("002")
@@ -567,9 +567,15 @@ def test_keyframes_are_zstd_small_payloads_zlib_or_raw_and_all_replay(db_url):
         arc.record("big.txt", text + b"\nUpdate: more.\n", at="2020-01-02T11:00:00Z")
         arc.record("small.txt", b"x" * 300, at="2020-01-02T10:00:00Z")
         arc.record("tiny.txt", b"ab", at="2020-01-02T10:00:00Z")
+        # deltas of one insertion each: payloads of about 215 and 415 bytes that zlib shrinks
+        arc.record("d.txt", b"a" * 1000, at="2020-01-02T10:00:00Z")
+        arc.record("d.txt", b"a" * 1000 + b"y" * 200, at="2020-01-02T11:00:00Z")
+        arc.record("d.txt", b"a" * 1000 + b"y" * 200 + b"z" * 400, at="2020-01-02T12:00:00Z")
     codecs = dict(raw_rows(db_url, "SELECT size, codec FROM contents"))
     assert codecs[len(text)] == content.ZSTD  # a keyframe
-    assert codecs[len(text) + 15] == content.RAW  # a small delta that zlib would not shrink
+    assert codecs[len(text) + 15] == content.RAW  # a small delta
+    assert codecs[1200] == content.RAW  # up to ZLIB_FROM bytes: raw, though zlib shrinks it
+    assert codecs[1600] == content.ZLIB
     assert codecs[300] == content.ZLIB
     assert codecs[2] == content.RAW
     with reader(db_url) as fresh:
@@ -1313,6 +1319,30 @@ def test_a_failure_in_the_export_helper_fails_the_export_and_leaves_nothing(
             arc.export(at=t0 + 100, out=tmp_path / "out", format=fmt)
         assert arc.show("d0.txt").data == seed_lines("000", 10)
     assert helpers == [1]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("archive")] == []
+
+
+@pytest.mark.parametrize("fork_from", [2, 10**9])
+@pytest.mark.parametrize("fmt", ["dir", "tar"])
+def test_an_event_whose_size_is_not_its_contents_fails_the_export(
+    db_url, tmp_path, monkeypatch, fmt, fork_from
+):
+    """An event whose recorded size disagrees with its content (damage: a tar's layout and
+    the manifest follow the event) fails the export, in one process or two, naming the
+    event, and leaves nothing behind."""
+    import archive.export
+
+    monkeypatch.setattr(archive.export, "FORK_FROM", fork_from)
+    t0 = us("2020-01-02T10:00:00Z")
+    with Archive(db_url) as arc:
+        for i in range(6):
+            arc.record(f"d{i}.txt", seed_lines("000", 10 + i), at=t0 + i)
+        wrong = arc.history("d4.txt")[0]
+    raw_sql(db_url, f"UPDATE events SET size = size + 1 WHERE position = {wrong.position}",
+            bypass=("events",))
+    damage = f"event {wrong.position} \\(d4.txt\\)"
+    with Archive(db_url) as arc, pytest.raises(Damaged, match=damage):
+        arc.export(at=t0 + 100, out=tmp_path / "out", format=fmt)
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("archive")] == []
 
 

@@ -581,6 +581,7 @@ def test_show_batch_past_its_held_bytes_answers_the_same(lib, monkeypatch):
     import io
 
     from archive import batch
+    from archive.api import Reader
 
     t0 = datetime(2020, 1, 2, 10, tzinfo=UTC)
     text = seed("001")
@@ -598,8 +599,13 @@ def test_show_batch_past_its_held_bytes_answers_the_same(lib, monkeypatch):
         return sink.getvalue()
 
     whole = served()
+    again = []
+    read_again = Reader.at
+    monkeypatch.setattr(Reader, "at", lambda self, *a: again.append(1) or read_again(self, *a))
+    assert served() == whole and again == []
     monkeypatch.setattr(batch, "HELD", 1000)  # room for two of the answers at most
     assert served() == whole
+    assert len(again) >= 4  # those answers were read again when their turn came
     answers = _batch_answers(whole)
     assert [a[0] for a in answers] == [k for k, _ in requests]
     assert answers[-1][1] == "missing"
@@ -1219,6 +1225,46 @@ def test_a_folder_that_cannot_be_listed_is_an_error_not_a_deletion(tmp_path):
         assert "cannot list" in one_line(fails(result, 2))
     with Archive(db) as arc:
         assert [(ev.key, ev.type) for ev in arc.log()] == [("d" * 250 + "/b.txt", "created")]
+
+
+def test_a_file_that_cannot_be_looked_at_is_an_error_not_skipped(tmp_path):
+    """A file in a folder that can be listed, but whose own path is longer than the system
+    allows, cannot be looked at: ingest refuses in one line, exit 2, records nothing, and
+    with --deletions does not take the archived document for gone."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    fd = os.open(docs, os.O_RDONLY)
+    depth = len(str(docs))
+    try:  # built one level at a time, by relative names: no single path is too long
+        while depth < 3900:
+            name = "d" * min(250, 3990 - depth)
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd, depth = inner, depth + 1 + len(name)
+        made = os.open("f" * 200 + ".txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(made, b"far\n")
+        os.close(made)
+    finally:
+        os.close(fd)
+    assert depth < 4000 < depth + 205  # the folder can be listed, the file not looked at
+    key = str(_deepest(docs).relative_to(docs)) + "/" + "f" * 200 + ".txt"
+    db = str(tmp_path / "a.db")
+    with Archive(db) as arc:
+        arc.record(key, b"far\n", at="2020-01-01T00:00:00Z")
+    for extra in ([], ["--deletions"]):
+        result = run_cli("ingest", "--root", str(docs), str(docs), *extra, db=db, cwd=tmp_path)
+        assert "too long" in one_line(fails(result, 2))
+    with Archive(db) as arc:
+        assert [(ev.key, ev.type) for ev in arc.log()] == [(key, "created")]
+
+
+def _deepest(folder: Path) -> Path:
+    """The deepest folder under `folder` (a single line of folders)."""
+    path = folder
+    while inner := [e for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]:
+        path = Path(inner[0].path)
+    return path
 
 
 def test_watch_refuses_folders_that_hold_none_of_its_documents_and_values_it_cannot_use(tmp_path):
