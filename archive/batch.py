@@ -6,11 +6,12 @@ empty: now; the last tab ends DOC, so a key may hold tabs); each answer is a hea
 did not exist then. Answers come in input order.
 
 Lines are answered as they arrive, in groups: every complete line already waiting on the
-input is read, the group is resolved in (document, time) order and its contents rebuilt in
-bulk (one chain query per 500), so that each replay starts from the version just rebuilt; its
-answers are written in input order and flushed before the next read could block. A co-process
-that sends one line and waits gets its answer at once; a script that pipes many lines gets
-them answered without a flush per line.
+input is read (up to GROUP lines: the more of a document's versions a group holds, the more
+of them are rebuilt from each other rather than from their keyframes), the group is resolved
+in (document, time) order and its contents rebuilt in bulk (one chain query per 500), so that
+each replay starts from the version just rebuilt; its answers are written in input order and
+flushed before the next read could block. A co-process that sends one line and waits gets
+its answer at once; a script that pipes many lines gets them answered without a flush per line.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .errors import ArchiveError, BadInput
 if TYPE_CHECKING:
     from .api import Archive, Reader
 
-GROUP = 512  # lines resolved together at most
+GROUP = 4096  # lines resolved together at most
 HELD = 64 << 20  # bytes of answers held between resolving a group and writing it, at most
 CHUNK = 1 << 16  # bytes read from the input at a time
 _AGAIN = object()  # an answer not held: read again when written
@@ -75,16 +76,35 @@ def _groups(source: BinaryIO):
             yield lines[start : start + GROUP]
         return
     pending = b""
-    while True:
+    ended = False
+    while not ended:
         chunk = os.read(fd, CHUNK)  # blocks only when nothing is waiting
-        if not chunk:
-            if pending:
-                yield [pending]
-            return
+        ended = not chunk
         pending += chunk
+        # Then all that is already waiting, up to a group: one read holds about 1,400 lines,
+        # and a group of GROUP rebuilds a document's versions from each other more often.
+        while not ended and pending.count(b"\n") < GROUP and _waiting(fd):
+            chunk = os.read(fd, CHUNK)
+            ended = not chunk
+            pending += chunk
         *lines, pending = pending.split(b"\n")
         for start in range(0, len(lines), GROUP):
             yield lines[start : start + GROUP]
+    if pending:
+        yield [pending]
+
+
+def _waiting(fd: int) -> bool:
+    """Whether reading `fd` would not block (a pipe with data, a file); False where the
+    system cannot tell, so that nothing waits on a line that is not there."""
+    if os.name != "posix":
+        return False
+    import select
+
+    try:
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 def _answer(reader: Reader, requests: list[tuple[str, int | None]], sink: BinaryIO) -> int:

@@ -611,6 +611,23 @@ def test_show_batch_past_its_held_bytes_answers_the_same(lib, monkeypatch):
     assert answers[-1][1] == "missing"
 
 
+def test_show_batch_takes_all_the_lines_waiting_up_to_a_group(tmp_path):
+    """Lines already waiting beyond one read of the input (a file here; a pipe with data)
+    are taken into one group, up to GROUP lines; the rest, and a last line without its
+    newline, follow."""
+    from archive import batch
+
+    lines = [f"doc{i % 7}.txt\t2020-01-0{i % 9 + 1}\n".encode() for i in range(5000)]
+    source = tmp_path / "lines"
+    source.write_bytes(b"".join(lines) + b"last.txt")
+    assert source.stat().st_size > batch.CHUNK  # more than one read
+    with open(source, "rb") as handle:
+        groups = list(batch._groups(handle))
+    assert [len(g) for g in groups] == [batch.GROUP, 5000 - batch.GROUP, 1]
+    assert [line + b"\n" for g in groups[:2] for line in g] == lines
+    assert groups[2] == [b"last.txt"]
+
+
 def test_show_batch_as_a_co_process_answers_each_line_before_the_next(db_url, lib, tmp_path):
     """A script that writes one line and waits for its answer gets it at once (no deadlock),
     line after line; lines before a bad one are answered before the error ends the run."""
