@@ -129,8 +129,9 @@ def walk(paths: Iterable[str | os.PathLike], skip: OwnFiles) -> Iterator[Path]:
                     if skip.regular(candidate):
                         yield candidate
         elif path.is_file():
-            if skip.regular(path):
-                yield path
+            if not skip.regular(path):  # named, not found in a folder: say why it is not
+                raise BadInput(f"{os.fsdecode(given)!r} is the archive's own database file")
+            yield path
         elif path.exists():
             raise BadInput(f"{os.fsdecode(given)!r} is not a regular file or folder")
         else:

@@ -1212,6 +1212,9 @@ def test_ingest_and_watch_never_record_a_hard_link_to_the_database(tmp_path):
     assert ingest_lines(out) == {"doc.txt": "created"}
     write(folder / "doc.txt", b"b\n")
     ok(run_cli("watch", "folder", "--once", db=db, cwd=tmp_path))
+    for named in ("folder/copy.db", "arch.db"):  # named on the command line: refused, say so
+        refused = run_cli("ingest", named, "folder/doc.txt", db=db, cwd=tmp_path)
+        assert "the archive's own database file" in one_line(fails(refused, 2))
     with Archive(db) as arc:
         assert [ev.key for ev in arc.log()] == ["doc.txt", "doc.txt"]
 
