@@ -129,7 +129,7 @@ def walk(paths: Iterable[str | os.PathLike], skip: OwnFiles) -> Iterator[Path]:
                     if skip.regular(candidate):
                         yield candidate
         elif path.is_file():
-            if not skip.regular(path):  # named, not found in a folder: say why it is not
+            if path in skip or skip.same_file(path.stat()):  # named: say why it is not read
                 raise BadInput(f"{os.fsdecode(given)!r} is the archive's own database file")
             yield path
         elif path.exists():
