@@ -138,6 +138,9 @@ _CHAIN = """
     SELECT c.id, c.sha256, c.size, c.base_id, c.codec, c.data
     FROM contents c WHERE c.id IN (SELECT id FROM chain)
 """
+# Stored rows by id, without their chains (for `keep_rows`).
+_ROWS = "SELECT id, sha256, size, base_id, codec, data FROM contents WHERE id IN {ids}"
+
 # One chain (the hot path of a read), from one content down, at most :limit rows: rows are
 # fetched as the recursion reaches them, and the LIMIT stops the recursion (SQLite and
 # PostgreSQL both evaluate it lazily). A base is always older than its delta; requiring it
@@ -194,14 +197,23 @@ def preload(
 ) -> dict[int, bytes]:
     """Contents read ahead in bulk (`load`) for the reads or diffs that follow: of the
     (id, size) pairs, those not cached, each once, while their sizes fit in `room` bytes.
+    With `keep`, the stored rows of those that do not fit are remembered (`keep_rows`), so
+    that each is rebuilt when asked from the version before it, without a query of its own.
     A content that cannot be rebuilt may never be needed: then nothing is returned, and each
     read reports it where it is needed, if it is."""
     ids: dict[int, None] = {}
+    rest: dict[int, None] = {}
     for content_id, size in wanted:
-        if content_id in ids or cache.checked(content_id) or size > room:
+        if content_id in ids or content_id in rest or cache.checked(content_id):
             continue
-        ids[content_id] = None
-        room -= size
+        if size <= room:
+            ids[content_id] = None
+            room -= size
+        elif keep and content_id not in cache.rows:
+            rest[content_id] = None
+    for start in range(0, len(rest), 500):
+        fragment, params = Cursor.in_list("i", list(rest)[start : start + 500])
+        cache.keep_rows(cur.execute(_ROWS.format(ids=fragment), params).fetchall())
     if len(ids) < 2:  # one is read as well on its own
         return {}
     try:
