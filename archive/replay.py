@@ -211,8 +211,9 @@ def preload(
             room -= size
         elif keep and content_id not in cache.rows:
             rest[content_id] = None
-    for start in range(0, len(rest), 500):
-        fragment, params = Cursor.in_list("i", list(rest)[start : start + 500])
+    unread = list(rest)
+    for start in range(0, len(unread), 500):
+        fragment, params = Cursor.in_list("i", unread[start : start + 500])
         cache.keep_rows(cur.execute(_ROWS.format(ids=fragment), params).fetchall())
     if len(ids) < 2:  # one is read as well on its own
         return {}
