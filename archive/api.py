@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -1079,7 +1079,7 @@ class _BatchWriter:
         # Diffs of large changes are the costly ones: the candidates are ranked by the bytes
         # of lines they lack (`_missing`), and only a clearly closer one is diffed.
         ranked = []
-        lines = self._lines(sha, data)
+        lines = self._lines(sha, lambda: data)
         for candidate in list(dict.fromkeys(c for c in recent if c != tried))[:BASES_TRIED]:
             if self._has_room(candidate):
                 ranked.append((_missing(lines, self._lines_of(candidate)), candidate))
@@ -1093,17 +1093,18 @@ class _BatchWriter:
             return row
         return best
 
-    def _lines(self, sha: bytes, data: bytes) -> set[bytes]:
+    def _lines(self, sha: bytes, read: Callable[[], bytes]) -> set[bytes]:
         """The distinct lines of a content, kept for the batch: consecutive large changes of
         a document rank the same few candidates (splitting them again cost 7 % of the real
-        history's import)."""
+        history's import). Its bytes are read only the first time."""
         lines = self.line_sets.get(sha)
         if lines is None:
-            lines = self.line_sets[sha] = set(data.split(b"\n"))
+            lines = self.line_sets[sha] = set(read().split(b"\n"))
         return lines
 
     def _lines_of(self, content_id: int) -> set[bytes]:
-        return self._lines(self._content_by_id(content_id).sha256, self._bytes(content_id))
+        sha = self._content_by_id(content_id).sha256
+        return self._lines(sha, lambda: self._bytes(content_id))
 
     def _bytes(self, content_id: int) -> bytes:
         fresh = self.fresh.get(content_id)

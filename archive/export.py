@@ -326,11 +326,12 @@ def _write_tar(arc: Archive, found: list[Event], manifest: dict, target: Path) -
                 ),
             )
             if halved:
-                total = _size(found)
+                # The helper began where it computed the first half ends: if this half wrote
+                # more or less, the file is not this half plus the helper's.
+                written += _size(found[mine:])
                 raw.flush()
-                if written != _size(found[:mine]) or os.fstat(raw.fileno()).st_size != total:
+                if os.fstat(raw.fileno()).st_size != written:
                     raise StorageError("the two halves of the tar export do not meet")
-                written = total
                 raw.seek(written)
             now = int(timeparse.now_us() // 1_000_000)
             written += _member(raw, MANIFEST, _manifest_bytes(manifest), now)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import content, delta
@@ -181,15 +181,20 @@ def load(
             missing.append(content_id)
         else:
             found[content_id] = _rebuild_checked(cur, content_id, walked, cache)
-    for start in range(0, len(missing), 500):
-        chunk = missing[start : start + 500]
-        fragment, params = Cursor.in_list("i", chunk)
-        fetched = cur.execute(_CHAIN.format(ids=fragment), params).fetchall()
+    for chunk, fetched in _fetched_in(cur, _CHAIN, missing):
         cache.keep_rows(fetched)  # an _Overlay keeps none
         rows = {row[_ID]: row for row in fetched}
         for content_id in chunk:
             found[content_id] = _rebuild_checked(cur, content_id, rows, cache)
     return found
+
+
+def _fetched_in(cur: Cursor, sql: str, ids: list[int]) -> Iterator[tuple[list[int], list]]:
+    """(ids, rows) of a query on `IN {ids}`, 500 ids at a time."""
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        fragment, params = Cursor.in_list("i", chunk)
+        yield chunk, cur.execute(sql.format(ids=fragment), params).fetchall()
 
 
 def preload(
@@ -211,10 +216,8 @@ def preload(
             room -= size
         elif keep and content_id not in cache.rows:
             rest[content_id] = None
-    unread = list(rest)
-    for start in range(0, len(unread), 500):
-        fragment, params = Cursor.in_list("i", unread[start : start + 500])
-        cache.keep_rows(cur.execute(_ROWS.format(ids=fragment), params).fetchall())
+    for _chunk, fetched in _fetched_in(cur, _ROWS, list(rest)):
+        cache.keep_rows(fetched)
     if len(ids) < 2:  # one is read as well on its own
         return {}
     try:
