@@ -11,11 +11,13 @@ Times may be given as stored microseconds (int), `datetime`, or text in any form
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -115,13 +117,53 @@ class _DocState:
     dirty: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _ContentState:
     id: int
     sha256: bytes
     size: int
     depth: int
     base_id: int | None
+
+
+class _LastWrite:
+    """The document states this process's last write left, with their current contents: exact
+    while no one else has written since, which the next position tells (every change to
+    documents and contents comes with an event, and positions are gapless). A batch then
+    reads only the documents it does not know: on 1,000 documents x 100 versions, looking up
+    each batch's 1,000 documents and their contents again cost 8 us of a version's 150.
+    At most LAST_WRITE_DOCS documents are kept, the least recently written dropped first."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.mark: tuple[int, int, int] | None = None  # (next position, doc id, content id)
+        self.docs: dict[str, tuple[_DocState, _ContentState | None]] = {}
+
+    def valid_at(self, mark: tuple[int, int, int]) -> dict | None:
+        with self.lock:
+            return self.docs if self.mark == mark else None
+
+    def publish(self, start: tuple[int, int, int], end: tuple[int, int, int], changed) -> None:
+        """After a commit that began at `start` and ended at `end`: `changed` are the final
+        states of the documents it read or wrote. Merged only into what was exact at its
+        start; otherwise (another thread's or process's write in between) they alone are."""
+        with self.lock:
+            if self.mark != start:
+                self.docs = {}
+            docs = self.docs
+            for key, state in changed:
+                docs.pop(key, None)
+                docs[key] = state
+            for key in list(itertools.islice(docs, max(0, len(docs) - LAST_WRITE_DOCS))):
+                del docs[key]
+            self.mark = end
+
+    def forget(self) -> None:
+        with self.lock:
+            self.mark, self.docs = None, {}
+
+
+LAST_WRITE_DOCS = 20_000
 
 
 _EVENT_COLUMNS = """
@@ -198,6 +240,7 @@ class Archive:
         self.store = Store(url)
         self.keyframe_interval = keyframe_interval
         self.cache = ContentCache(cache_bytes)
+        self.last_write = _LastWrite()
 
     @property
     def url(self) -> str:
@@ -286,6 +329,7 @@ class Archive:
                 results.append(result)
             return results
 
+        self.last_write.forget()  # a rename changes a document's key
         return self.store.run_write(unit)
 
     def ingest(
@@ -767,10 +811,13 @@ def _event_row(fields: dict[str, Any], content_id: int | None, event_hash: bytes
         "size": fields["size"],
         "recorded_at": fields["recorded_at"],
         "effective_at": fields["effective_at"],
-        "meta": json.dumps(fields["meta"], sort_keys=True) if fields["meta"] else None,
+        "meta": _meta_json(fields["meta"]) if fields["meta"] else None,
         "event_hash": event_hash,
     }
 
+
+# json.dumps(meta, sort_keys=True), with the encoder made once instead of per event.
+_meta_json = json.JSONEncoder(sort_keys=True).encode
 
 _DOCS_BY_KEY = "SELECT id, key, seq, head_hash, eff_at, content_id FROM documents WHERE key IN "
 _CONTENTS_BY_HASH = "SELECT id, sha256, size, depth, base_id FROM contents WHERE sha256 IN "
@@ -845,6 +892,7 @@ class _BatchWriter:
         # Driver level: SQLAlchemy's per-statement cost would be most of a one-version write.
         self.cur = cur = self.arc.store.cursor(conn)
         self.now, self.recorded_at, self.position, self.next_doc, self.next_content = _clock(cur)
+        self.start = (self.position, self.next_doc, self.next_content)
         self.docs: dict[str, _DocState] = {}
         self.contents: dict[bytes, _ContentState] = {}
         self.contents_by_id: dict[int, _ContentState] = {}
@@ -863,6 +911,19 @@ class _BatchWriter:
         return results
 
     def publish(self) -> None:
+        """After the commit: what it made reaches the shared cache, and the documents' states
+        the next batch's `_prefetch` may take as they are."""
+        changed = []
+        for key, doc in self.docs.items():
+            head = None
+            if doc.content_id is not None:
+                head = self.contents_by_id.get(doc.content_id)
+                if head is None:
+                    continue
+            doc.is_new = doc.dirty = False  # this batch is done with it: kept as it is
+            changed.append((key, (doc, head)))
+        end = (self.position, self.next_doc, self.next_content)
+        self.arc.last_write.publish(self.start, end, changed)
         for content_id, (data, _is_text) in self.fresh.items():
             self.arc.cache.put(content_id, data)
         self.arc.cache.keep_rows(
@@ -874,11 +935,30 @@ class _BatchWriter:
 
     def _prefetch(self) -> None:
         keys = list({v.key for v in self.batch})
+        known = self.arc.last_write.valid_at(self.start)
+        if known is not None:
+            unknown = []
+            for key in keys:
+                entry = known.get(key)
+                if entry is None:
+                    unknown.append(key)
+                    continue
+                doc, head = entry
+                self.docs[key] = replace(doc)  # this attempt's own copy: it may be retried
+                if head is not None:
+                    self.contents[head.sha256] = head
+                    self.contents_by_id[head.id] = head
+            keys = unknown
         for r in self._select_in(_DOCS_BY_KEY, keys):
             self.docs[r[1]] = _DocState(r[0], r[1], r[2], bytes(r[3]), r[4], r[5])
-        for r in self._select_in(_CONTENTS_BY_HASH, list({h for h in self.hashes if h})):
+        hashes = list({h for h in self.hashes if h and h not in self.contents})
+        for r in self._select_in(_CONTENTS_BY_HASH, hashes):
             self._known_content(r)
-        heads = [d.content_id for d in self.docs.values() if d.content_id is not None]
+        heads = [
+            d.content_id
+            for d in self.docs.values()
+            if d.content_id is not None and d.content_id not in self.contents_by_id
+        ]
         for r in self._select_in(_CONTENTS_BY_ID, heads):
             self._known_content(r)
         self._load_bases()

@@ -55,6 +55,11 @@ T = TypeVar("T")
 REVISIONS = ("0001", "0002")
 HEAD = REVISIONS[-1]
 
+# SQLite page cache per connection, and WAL pages between automatic checkpoints (see
+# `_sqlite_engine`; SQLite's defaults are 2,000 KiB and 1,000 pages).
+SQLITE_CACHE_KIB = 16 << 10
+SQLITE_CHECKPOINT_PAGES = 10_000
+
 # A SQLite INTEGER PRIMARY KEY is the rowid; BIGINT would not be.
 _Id = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -227,6 +232,14 @@ class Store:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
+            # A batch spread over many documents dirties index pages all over the events'
+            # (doc, time) index and the contents' SHA-256 index. With SQLite's 2 MB page
+            # cache and its checkpoint every 1,000 pages, 1,000 documents x 100 versions read
+            # 12 KB and wrote 8.3 KB per version ingested; with these 0.8 and 5.0 KB, and the
+            # ingest was 9-11 % faster (100 versions of 100 documents: 1.1 to 0.8 KB). The
+            # cache is a bound (16 MiB a connection), not a growth with the archive.
+            cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+            cur.execute(f"PRAGMA wal_autocheckpoint={SQLITE_CHECKPOINT_PAGES}")
             cur.close()
 
         @event.listens_for(engine, "begin")

@@ -849,6 +849,93 @@ def test_concurrent_writers_keep_sequence_numbers_gapless(db_url):
         assert fresh.verify() == []
 
 
+def test_a_write_by_another_archive_is_seen_by_the_next_batch(db_url):
+    """Each Archive remembers the documents its last write left; another writer's commit in
+    between (another process, another connection) makes that memory stale, and the next
+    batch must read the documents again: sequence numbers, hash chain, bases and the version
+    in effect all follow the database, never the memory."""
+    texts = [seed_lines("001", n) for n in (3, 5, 8, 12, 16, 20)]
+    with Archive(db_url) as one, Archive(db_url) as other:
+        one.init()
+        at = us("2020-01-03T00:00:00Z")
+        for n, data in enumerate(texts):
+            writer = (one, other)[n % 2]
+            recorded = writer.record_many(
+                [Version("a.txt", data, at + n), Version(f"only-{n % 2}.txt", data, at + n)]
+            )
+            assert recorded[0].status == ("created" if n == 0 else "modified")
+            assert recorded[0].event.seq == n + 1
+        # A document the other archive deleted is absent to this one's next write too.
+        other.delete("only-0.txt", at=at + 10)
+        assert one.record("only-0.txt", texts[0], at=at + 11).status == "created"
+        assert one.record("a.txt", texts[-1], at=at + 12).status == "unchanged"
+    with reader(db_url) as fresh:
+        assert [e.seq for e in fresh.history("a.txt")] == list(range(1, len(texts) + 1))
+        for n, data in enumerate(texts):
+            assert fresh.show("a.txt", at=at + n).data == data
+        assert [e.type for e in fresh.history("only-0.txt")][-2:] == ["deleted", "created"]
+        assert fresh.verify() == []
+
+
+def test_threads_sharing_one_archive_keep_its_memory_of_documents_exact(db_url):
+    """One Archive written by several threads at once: each batch's memory of the documents
+    is merged only into what was exact when it began."""
+    with Archive(db_url) as shared:
+        shared.init()
+
+        def worker(tag: int) -> list[str]:
+            out = []
+            for i in range(12):
+                batch = [Version("shared.txt", f"{tag} {i}\n".encode() * (i + 1))]
+                batch.append(Version(f"own-{tag}.txt", f"{i}\n".encode() * (i + 1)))
+                out += [r.status for r in shared.record_many(batch)]
+            return out
+
+        with ThreadPoolExecutor(3) as pool:
+            statuses = [s for got in pool.map(worker, range(3)) for s in got]
+        assert statuses.count("unchanged") == 0
+        assert shared.record("shared.txt", b"last").event.seq == 37
+    with reader(db_url) as fresh:
+        assert [e.seq for e in fresh.history("shared.txt")] == list(range(1, 38))
+        for tag in range(3):
+            assert fresh.show(f"own-{tag}.txt").data == b"11\n" * 12
+        assert fresh.verify() == []
+
+
+def test_a_batch_that_failed_leaves_the_memory_of_documents_as_the_database_is(db_url):
+    """A batch the database refuses (here a trigger of the test's own) rolls back; the next
+    batch on the same Archive starts from the states before it, not from the failed one's."""
+    with Archive(db_url) as arc:
+        arc.record("a.txt", b"one\n", at="2020-01-03T00:00:00Z")
+        if dialect(db_url) == "sqlite":
+            raw_sql(
+                db_url,
+                "CREATE TRIGGER test_boom BEFORE INSERT ON events WHEN NEW.key = 'boom'"
+                " BEGIN SELECT RAISE(ABORT, 'boom'); END",
+            )
+        else:
+            raw_sql(
+                db_url,
+                "CREATE FUNCTION test_boom() RETURNS trigger AS $$ BEGIN"
+                " IF NEW.key = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END"
+                " $$ LANGUAGE plpgsql",
+                "CREATE TRIGGER test_boom BEFORE INSERT ON events FOR EACH ROW"
+                " EXECUTE FUNCTION test_boom()",
+            )
+        with pytest.raises(ArchiveError):
+            arc.record_many(
+                [Version("a.txt", b"one\ntwo\n", us("2020-01-03T01:00:00Z")),
+                 Version("boom", b"x", us("2020-01-03T01:00:00Z"))]
+            )
+        again = arc.record("a.txt", b"one\ntwo\n", at="2020-01-03T01:00:00Z")
+        assert (again.status, again.event.seq) == ("modified", 2)
+        assert arc.record("b.txt", b"b").event.position == 3
+    with reader(db_url) as fresh:
+        assert [e.seq for e in fresh.history("a.txt")] == [1, 2]
+        assert fresh.show("a.txt").data == b"one\ntwo\n"
+        assert fresh.verify() == []
+
+
 # -- rename -------------------------------------------------------------------------------------
 
 

@@ -371,3 +371,67 @@ def test_a_few_lines_against_a_page_many_times_longer_are_replaced_unless_a_run_
     for old, new in ((scattered, page), (page, scattered), (run, page)):
         old_text, new_text = "".join(old), "".join(new)
         assert delta.apply(old_text, delta.make(old_text, new_text)) == new_text
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=8,
+)
+numbers = st.integers(min_value=0, max_value=2**63 - 1)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    position=numbers,
+    doc_id=numbers,
+    seq=numbers,
+    size=numbers,
+    recorded_at=numbers,
+    effective_at=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    type=st.sampled_from(["created", "modified", "deleted", "renamed"]),
+    key=texts,
+    sha256=st.none() | st.binary(min_size=32, max_size=32),
+    meta=st.none() | st.dictionaries(texts, json_values, max_size=4),
+)
+def test_canonical_bytes_are_json_dumps_of_the_fields(**fields):
+    """The hand-written canonical form is byte for byte json.dumps' (the form every stored
+    event_hash was made with), for any key, metadata and numbers."""
+    from archive.events import canonical, canonical_reference
+
+    assert canonical(**fields) == canonical_reference(fields)
+
+
+def test_canonical_form_is_unchanged():
+    """A fixed event's canonical bytes, as archives have always hashed them."""
+    from archive.events import canonical
+
+    got = canonical(
+        position=7,
+        doc_id=2,
+        seq=3,
+        type="modified",
+        key="a/ß 👍.txt",
+        sha256=bytes(range(32)),
+        size=40,
+        recorded_at=1_600_000_000_000_001,
+        effective_at=-5,
+        meta={"z": 1, "a": [True]},
+    )
+    assert got == (
+        b'{"doc":2,"effective_at":-5,"key":"a/\\u00df \\ud83d\\udc4d.txt","meta":{"a":[true],'
+        b'"z":1},"position":7,"recorded_at":1600000000000001,"seq":3,"sha256":"000102030405'
+        b'060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f","size":40,"type":"modified"}'
+    )
+    assert canonical(
+        position=True,
+        doc_id=2,
+        seq=3,
+        type="deleted",
+        key="k",
+        sha256=None,
+        size=0,
+        recorded_at=1,
+        effective_at=1,
+        meta=None,
+    ).startswith(b'{"doc":2,"effective_at":1,"key":"k","meta":null,"position":true,')
