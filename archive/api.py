@@ -726,7 +726,12 @@ class Reader:
         for its own `snapshot` to report."""
         cache = self.arc.cache
         wanted = ((ev.content_id, ev.size) for ev in events if ev.content_id is not None)
-        preload(self.cur, wanted, cache, cache.budget // 4, keep=True)
+        preload(self.cur, wanted, cache, self.prefetch_room, keep=True)
+
+    @property
+    def prefetch_room(self) -> int:
+        """Bytes of contents one `prefetch` rebuilds at most: a quarter of the cache."""
+        return self.arc.cache.budget // 4
 
 
 def _rename(

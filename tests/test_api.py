@@ -8,6 +8,7 @@ keyframes every K deltas, triggers in the database)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import sqlite3
@@ -532,6 +533,49 @@ def test_a_batch_past_its_prefetch_room_reads_no_chain_per_version(db_url, monke
     assert got == versions
     assert 2 <= rebuilt <= 30  # the room was used, and did not hold them all
     assert len(chains) - before <= 2  # not one per version past the room
+
+
+def test_show_batch_rebuilds_past_the_prefetch_room_in_rounds(db_url, monkeypatch):
+    """`show --batch` over more versions than one prefetch may hold rebuilds them in rounds
+    that fit, each in bulk: a handful of chain queries in all, not one per version past the
+    first round, and every answer is the exact bytes, in input order."""
+    import io
+
+    from archive import batch
+    from archive.store import Cursor
+
+    versions = growing_versions(60)
+    t0 = us("2020-01-02T10:00:00Z")
+    with Archive(db_url) as arc:
+        for i, data in enumerate(versions):
+            arc.record("g.txt", data, at=t0 + i * 1_000_000)
+    order = list(range(0, 60, 2))  # the versions between are not asked for
+    random.Random(4).shuffle(order)
+    lines = b"".join(
+        f"g.txt\t{datetime.fromtimestamp((t0 + i * 1_000_000) / 1e6, UTC).isoformat()}\n".encode()
+        for i in order
+    )
+    chains = []
+    execute = Cursor.execute
+
+    def counting(self, sql, params=None):
+        if "WITH RECURSIVE" in sql:
+            chains.append(1)
+        return execute(self, sql, params)
+
+    monkeypatch.setattr(Cursor, "execute", counting)
+    total = sum(map(len, versions))
+    sink = io.BytesIO()
+    with Archive(db_url, cache_bytes=total) as fresh:
+        assert batch.serve(fresh, io.BytesIO(lines), sink, known_at=None) == 30
+    # A quarter of the cache holds fewer than 40 of the 60 (rounds of them).
+    assert len([n for n in itertools.accumulate(map(len, versions)) if n > total // 4]) > 20
+    assert len(chains) <= 4  # one per round (3 here); one per version past the room was 10
+    out, expected = sink.getvalue(), []
+    for i in order:
+        data = versions[i]
+        expected += [f"{sha(data).hex()} {len(data)} g.txt\n".encode(), data, b"\n"]
+    assert out == b"".join(expected)
 
 
 def test_replay_applies_at_most_k_deltas(db_url, monkeypatch):
