@@ -503,18 +503,11 @@ def test_keyframe_whenever_a_delta_would_not_be_smaller(db_url):
     assert len(edited["data"]) < full_copy_size(base) // 10
 
 
-def test_a_batch_past_its_prefetch_room_reads_no_chain_per_version(db_url, monkeypatch):
-    """A batch's versions beyond what its prefetch may rebuild (a quarter of the cache) get
-    their stored rows read in bulk: each is then rebuilt from the version before it without
-    a chain query of its own, and every answer is still the exact bytes."""
+def _count_chain_queries(monkeypatch) -> list[int]:
+    """A list that grows by one at each chain query the archive makes (a WITH RECURSIVE)."""
     from archive.store import Cursor
 
-    versions = growing_versions(40)
-    t0 = us("2020-01-02T10:00:00Z")
-    with Archive(db_url) as arc:
-        for i, data in enumerate(versions):
-            arc.record("g.txt", data, at=t0 + i * 1_000_000)
-    chains = []
+    chains: list[int] = []
     execute = Cursor.execute
 
     def counting(self, sql, params=None):
@@ -523,6 +516,20 @@ def test_a_batch_past_its_prefetch_room_reads_no_chain_per_version(db_url, monke
         return execute(self, sql, params)
 
     monkeypatch.setattr(Cursor, "execute", counting)
+    return chains
+
+
+def test_a_batch_past_its_prefetch_room_reads_no_chain_per_version(db_url, monkeypatch):
+    """A batch's versions beyond what its prefetch may rebuild (a quarter of the cache) get
+    their stored rows read in bulk: each is then rebuilt from the version before it without
+    a chain query of its own, and every answer is still the exact bytes."""
+
+    versions = growing_versions(40)
+    t0 = us("2020-01-02T10:00:00Z")
+    with Archive(db_url) as arc:
+        for i, data in enumerate(versions):
+            arc.record("g.txt", data, at=t0 + i * 1_000_000)
+    chains = _count_chain_queries(monkeypatch)
     total = sum(map(len, versions))
     with Archive(db_url, cache_bytes=total) as fresh, fresh.reader() as batch:
         events = [batch.resolve("g.txt", t0 + i * 1_000_000) for i in range(40)]
@@ -542,7 +549,6 @@ def test_show_batch_rebuilds_past_the_prefetch_room_in_rounds(db_url, monkeypatc
     import io
 
     from archive import batch
-    from archive.store import Cursor
 
     versions = growing_versions(60)
     t0 = us("2020-01-02T10:00:00Z")
@@ -555,15 +561,7 @@ def test_show_batch_rebuilds_past_the_prefetch_room_in_rounds(db_url, monkeypatc
         f"g.txt\t{datetime.fromtimestamp((t0 + i * 1_000_000) / 1e6, UTC).isoformat()}\n".encode()
         for i in order
     )
-    chains = []
-    execute = Cursor.execute
-
-    def counting(self, sql, params=None):
-        if "WITH RECURSIVE" in sql:
-            chains.append(1)
-        return execute(self, sql, params)
-
-    monkeypatch.setattr(Cursor, "execute", counting)
+    chains = _count_chain_queries(monkeypatch)
     total = sum(map(len, versions))
     sink = io.BytesIO()
     with Archive(db_url, cache_bytes=total) as fresh:
