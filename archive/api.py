@@ -145,15 +145,17 @@ class _LastWrite:
 
     def publish(self, start: tuple[int, int, int], end: tuple[int, int, int], changed) -> None:
         """After a commit that began at `start` and ended at `end`: `changed` are the final
-        states of the documents it read or wrote. Merged only into what was exact at its
-        start; otherwise (another thread's or process's write in between) they alone are."""
+        states of the documents it read or wrote (None: not kept). Merged only into what was
+        exact at its start; otherwise (another thread's or process's write in between) they
+        alone are."""
         with self.lock:
             if self.mark != start:
                 self.docs = {}
             docs = self.docs
             for key, state in changed:
                 docs.pop(key, None)
-                docs[key] = state
+                if state is not None:  # None: a document whose state is not kept
+                    docs[key] = state
             for key in list(itertools.islice(docs, max(0, len(docs) - LAST_WRITE_DOCS))):
                 del docs[key]
             self.mark = end
@@ -252,6 +254,7 @@ class Archive:
         return self.store.shown_url
 
     def close(self) -> None:
+        self.last_write.forget()  # a database put back under the same URL starts unknown
         self.store.dispose()
 
     def __enter__(self) -> Archive:
@@ -923,8 +926,9 @@ class _BatchWriter:
             head = None
             if doc.content_id is not None:
                 head = self.contents_by_id.get(doc.content_id)
-                if head is None:
-                    continue
+            if head is None and doc.content_id is not None:  # not known here: not kept
+                changed.append((key, None))
+                continue
             doc.is_new = doc.dirty = False  # this batch is done with it: kept as it is
             changed.append((key, (doc, head)))
         end = (self.position, self.next_doc, self.next_content)

@@ -17,6 +17,7 @@ its answer at once; a script that pipes many lines gets them answered without a 
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import timeparse
@@ -123,7 +124,10 @@ def _answer(reader: Reader, requests: list[tuple[str, int | None]], sink: Binary
             found[request] = error
     held = 0
     for round_ in _rounds(list(events.items()), reader.prefetch_room):
-        reader.prefetch(ev for _request, ev in round_ if ev is not None)
+        # A failed bulk rebuild leaves each answer to its own read, which reports the
+        # error, if there is one, in its turn.
+        with suppress(ArchiveError):
+            reader.prefetch(ev for _request, ev in round_ if ev is not None)
         for request, event in round_:
             try:
                 snap = reader.snapshot(event) if event is not None else None

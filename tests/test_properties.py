@@ -378,7 +378,7 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
     max_leaves=8,
 )
-numbers = st.integers(min_value=0, max_value=2**63 - 1)
+numbers = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 
 @settings(max_examples=500, deadline=None)
@@ -388,7 +388,7 @@ numbers = st.integers(min_value=0, max_value=2**63 - 1)
     seq=numbers,
     size=numbers,
     recorded_at=numbers,
-    effective_at=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    effective_at=numbers,
     type=st.sampled_from(["created", "modified", "deleted", "renamed"]),
     key=texts,
     sha256=st.none() | st.binary(min_size=32, max_size=32),
