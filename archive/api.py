@@ -332,7 +332,6 @@ class Archive:
                 results.append(result)
             return results
 
-        self.last_write.forget()  # a rename changes a document's key
         return self.store.run_write(unit)
 
     def ingest(

@@ -964,6 +964,19 @@ def test_a_write_by_another_archive_is_seen_by_the_next_batch(db_url):
         assert fresh.verify() == []
 
 
+def test_a_rename_is_seen_by_the_next_batch_of_the_same_archive(arc):
+    """A rename is an event: the next batch's memory of documents is stale by its position,
+    and the renamed document and the freed name are read again."""
+    arc.record("a.txt", b"one\n", at="2020-01-03T00:00:00Z")
+    arc.rename("a.txt", "b.txt", at="2020-01-03T01:00:00Z")
+    moved = arc.record("b.txt", b"one\ntwo\n", at="2020-01-03T02:00:00Z")
+    assert (moved.status, moved.event.seq) == ("modified", 3)
+    again = arc.record("a.txt", b"new\n", at="2020-01-03T03:00:00Z")
+    assert (again.status, again.event.seq) == ("created", 1)
+    assert again.event.doc_id != moved.event.doc_id
+    assert arc.verify() == []
+
+
 def test_threads_sharing_one_archive_keep_its_memory_of_documents_exact(db_url):
     """One Archive written by several threads at once: each batch's memory of the documents
     is merged only into what was exact when it began."""
